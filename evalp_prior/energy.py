@@ -1,0 +1,99 @@
+"""Per-group energies E_l(z_l, h_l) of the EVaLP prior (SPEC section 2).
+
+The prior of group l is p_psi(z_l | z_<l) ∝ p_theta(z_l | z_<l) exp(-E_l(z_l, h_l)); each energy is a
+small fully-convolutional critic conditioned on the decoder context h_l.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+from nvae.hooks import GroupSpec
+
+
+def _maybe_sn(layer: nn.Module, enabled: bool) -> nn.Module:
+    """Wrap ``layer`` in a spectral-norm parametrisation when ``enabled``."""
+    return _spectral_norm(layer) if enabled else layer
+
+
+class GroupEnergy(nn.Module):
+    """Conv energy E(z, h) -> (B,) float32 energies; no batch-dependent layers, so per-sample exact."""
+
+    def __init__(
+        self, z_channels: int, context_channels: int, hidden: int = 64, spectral_norm: bool = False
+    ) -> None:
+        super().__init__()
+        sn = spectral_norm
+        self.context = _maybe_sn(nn.Conv2d(context_channels, hidden, 1), sn)
+        self.body = nn.Sequential(
+            _maybe_sn(nn.Conv2d(z_channels + hidden, hidden, 3, padding=1), sn),
+            nn.SiLU(),
+            _maybe_sn(nn.Conv2d(hidden, hidden, 3, padding=1), sn),
+            nn.SiLU(),
+        )
+        # Mixing after the global pool lets the energy see interactions between distant positions.
+        self.head = nn.Sequential(
+            _maybe_sn(nn.Linear(hidden, hidden), sn),
+            nn.SiLU(),
+            _maybe_sn(nn.Linear(hidden, 1), sn),
+        )
+
+    def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Energies of z (B, C_z, H, W) given context h (B, C_h, H, W); returns (B,) float32."""
+        features = self.body(torch.cat([z, self.context(h).to(z.dtype)], dim=1))  # (B, hidden, H, W)
+        # Mean pool keeps the energy's scale independent of the group's resolution.
+        return self.head(features.mean(dim=(2, 3))).squeeze(1).float()
+
+
+class EnergySet(nn.Module):
+    """The energies of the selected groups: one per group, or one per scale shared by its groups.
+
+    Call it as ``energies(group, z, h)`` (its ``forward``) so that a DistributedDataParallel wrapper
+    sees every evaluation.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[GroupSpec],
+        groups: Sequence[int],
+        hidden: int = 64,
+        share_within_scale: bool = False,
+        spectral_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if not groups:
+            raise ValueError("EnergySet needs at least one group")
+        self.groups = [int(g) for g in groups]
+        self.share_within_scale = share_within_scale
+        self._key: dict[int, str] = {}
+        nets: dict[str, GroupEnergy] = {}
+        shapes: dict[str, tuple[int, int]] = {}
+        for g in self.groups:
+            if not 0 <= g < len(specs):
+                raise ValueError(f"group {g} is out of range: the model has {len(specs)} groups")
+            spec = specs[g]
+            key = f"scale{spec.scale}" if share_within_scale else f"group{g}"
+            channels = (spec.channels, spec.context_channels)
+            if key in shapes and shapes[key] != channels:
+                raise ValueError(
+                    f"groups sharing {key} differ in (latent, context) channels: "
+                    f"{shapes[key]} vs {channels}"
+                )
+            if key not in nets:
+                shapes[key] = channels
+                nets[key] = GroupEnergy(spec.channels, spec.context_channels, hidden, spectral_norm)
+            self._key[g] = key
+        self.nets = nn.ModuleDict(nets)
+
+    def forward(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """E_group(z, h) as (B,) float32 energies."""
+        if group not in self._key:
+            raise KeyError(f"group {group} has no energy; EVaLP groups are {self.groups}")
+        return self.nets[self._key[group]](z, h)
+
+    def energy(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Alias of calling the module: E_group(z, h) as (B,) float32 energies."""
+        return self(group, z, h)

@@ -1,0 +1,187 @@
+"""EVaLP training objectives: the alternating energy / sampler steps of SPEC section 1.
+
+The min-max problem is
+    min_psi max_alpha  J = E_{z+ ~ q(z)}[E_psi(z+)] - E_eps[E_psi(g_alpha(eps))] - w_kl KL(q_alpha || p0),
+solved without MCMC by alternating an energy (critic) step every call and a sampler step every
+``n_critic`` calls. In the hierarchical form (SPEC section 2) every selected group contributes its own
+terms, with positives, negatives and the base p0 = N(mu_p, sigma_p^2) all sharing the context h_l.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from evalp_prior.sampler import gaussian_log_prob
+
+EnergyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BackwardAndStep = Callable[[torch.Tensor, torch.optim.Optimizer, Sequence[nn.Parameter]], bool]
+
+
+def gradient_penalty(
+    energy_fn: EnergyFn,
+    z_pos: torch.Tensor,
+    z_neg: torch.Tensor,
+    h: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """WGAN-GP term of L_E (SPEC section 1, energy step): mean_i (||grad_z E(z_hat_i, h_i)|| - 1)^2.
+
+    z_hat = u z+ + (1 - u) z- with u ~ U(0, 1) per sample; the gradient keeps its graph
+    (create_graph=True) so the penalty trains the energy. ``energy_fn(z, h) -> (B,)``.
+    """
+    u = torch.rand(z_pos.shape[0], generator=generator, device=z_pos.device, dtype=z_pos.dtype)
+    u = u.view(-1, *([1] * (z_pos.dim() - 1)))
+    z_hat = (u * z_pos.detach() + (1 - u) * z_neg.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(energy_fn(z_hat, h).sum(), z_hat, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+def energy_loss(
+    e_pos: torch.Tensor, e_neg: torch.Tensor, gp: torch.Tensor, lambda_gp: float = 10.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_E = mean E(z+) - mean E(z-) + lambda_gp * gp (SPEC section 1, energy step).
+
+    Returns the loss and detached stats: ``energy_gap`` = mean E(z+) - mean E(z-) (negative once the
+    energy separates posterior samples from the sampler's) and ``gp``.
+    """
+    gap = e_pos.mean() - e_neg.mean()
+    return gap + lambda_gp * gp, {"energy_gap": gap.detach(), "gp": gp.detach()}
+
+
+def sampler_loss(
+    e_neg: torch.Tensor, log_q: torch.Tensor, log_p0: torch.Tensor, kl_weight: float
+) -> torch.Tensor:
+    """L_g = mean E(g(eps)) + w_kl * (mean log q_alpha(g(eps)) - mean log p0(g(eps))) (SPEC section 1).
+
+    With w_kl = 0 (the default setting, a latent-space WGAN) the KL term is left out of the graph.
+    """
+    loss = e_neg.mean()
+    if kl_weight != 0.0:
+        loss = loss + kl_weight * (log_q.mean() - log_p0.mean())
+    return loss
+
+
+@dataclass
+class GroupBatch:
+    """One EVaLP group's training data from a posterior pass of the frozen NVAE (tensors (B, ...))."""
+
+    group: int
+    z_pos: torch.Tensor  # (B, C_z, H, W) posterior sample z_l ~ q(z_l | x, z_<l)
+    h: torch.Tensor  # (B, C_h, H, W) decoder context on the same path
+    mu_p: torch.Tensor  # (B, C_z, H, W) NVAE's conditional prior at temperature 1
+    sigma_p: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Hyper-parameters of the alternating objective (SPEC section 1 defaults)."""
+
+    n_critic: int = 5  # energy steps per sampler step
+    lambda_gp: float = 10.0
+    kl_weight: float = 0.0  # w_kl
+
+
+def plain_backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]
+) -> bool:
+    """fp32 single-process update: zero grads, backward, step; always reports the step as taken."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return True
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off requires_grad of ``module``'s parameters, restoring each flag afterwards.
+
+    Used for the sampler step: the energy's gradients are discarded by never being computed, which also
+    keeps a DistributedDataParallel-wrapped energy from reducing anything.
+    """
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _mean(values: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Mean of 0-dim tensors."""
+    return torch.stack(list(values)).mean()
+
+
+def alternating_step(
+    batch: Sequence[GroupBatch],
+    energies: nn.Module,
+    sampler: nn.Module,
+    energy_optimizer: torch.optim.Optimizer,
+    sampler_optimizer: torch.optim.Optimizer,
+    step: int,
+    config: ObjectiveConfig = ObjectiveConfig(),
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    backward_and_step: BackwardAndStep = plain_backward_and_step,
+) -> dict[str, torch.Tensor]:
+    """One EVaLP training step for all groups in ``batch``: an energy step, then a sampler step when
+    ``(step + 1) % n_critic == 0`` (SPEC section 1; the group losses are summed).
+
+    ``energies`` is an EnergySet and ``sampler`` a SharedFlowSampler, either possibly wrapped in
+    DistributedDataParallel: both are only ever called through their forward. ``autocast()`` opens the
+    mixed-precision context; ``backward_and_step(loss, optimizer, params)`` zeroes the optimizer's
+    grads, backpropagates (scaled or not), steps, and returns whether the step was taken. Sampler
+    params get no gradient in the energy step (negatives are drawn under no_grad) and energy params
+    none in the sampler step (they are frozen), so each closure only ever sees its own gradients.
+
+    Returns detached 0-dim tensors: ``energy_gap/group{l}`` and ``gp/group{l}`` per group, their
+    ``/mean``, ``energy_loss``, ``energy_step_taken``, ``sampler_step`` (1 when a sampler step ran) and,
+    on sampler steps, ``sampler_loss``, ``sampler_step_taken`` and ``kl/group{l}`` (the single-sample
+    estimate of KL(q_alpha || p0) for that group).
+    """
+    stats: dict[str, torch.Tensor] = {}
+
+    # Energy step: negatives from the current sampler, detached.
+    with torch.no_grad(), autocast():
+        negatives = [sampler(b.mu_p, b.sigma_p, b.h, b.group)[0] for b in batch]
+    with autocast():
+        total = None
+        for b, z_neg in zip(batch, negatives):
+            n = b.z_pos.shape[0]
+            # One evaluation for positives and negatives: energies are per-sample, so this is exact.
+            e = energies(b.group, torch.cat([b.z_pos, z_neg.to(b.z_pos.dtype)]), torch.cat([b.h, b.h]))
+            gp = gradient_penalty(lambda z, h, g=b.group: energies(g, z, h), b.z_pos, z_neg, b.h)
+            loss, group_stats = energy_loss(e[:n], e[n:], gp, config.lambda_gp)
+            total = loss if total is None else total + loss
+            stats[f"energy_gap/group{b.group}"] = group_stats["energy_gap"]
+            stats[f"gp/group{b.group}"] = group_stats["gp"]
+    taken = backward_and_step(total, energy_optimizer, list(energies.parameters()))
+    stats["energy_loss"] = total.detach()
+    stats["energy_step_taken"] = torch.tensor(float(taken))
+    stats["energy_gap/mean"] = _mean(stats[f"energy_gap/group{b.group}"] for b in batch)
+    stats["gp/mean"] = _mean(stats[f"gp/group{b.group}"] for b in batch)
+
+    is_sampler_step = (step + 1) % config.n_critic == 0
+    stats["sampler_step"] = torch.tensor(float(is_sampler_step))
+    if not is_sampler_step:
+        return stats
+
+    # Sampler step: the energy is a fixed function here.
+    with frozen(energies):
+        with autocast():
+            total = None
+            for b in batch:
+                z, log_q = sampler(b.mu_p, b.sigma_p, b.h, b.group)
+                log_p0 = gaussian_log_prob(z, b.mu_p, b.sigma_p)
+                loss = sampler_loss(energies(b.group, z, b.h), log_q, log_p0, config.kl_weight)
+                total = loss if total is None else total + loss
+                stats[f"kl/group{b.group}"] = (log_q - log_p0).mean().detach()
+        taken = backward_and_step(total, sampler_optimizer, list(sampler.parameters()))
+    stats["sampler_loss"] = total.detach()
+    stats["sampler_step_taken"] = torch.tensor(float(taken))
+    return stats

@@ -1,0 +1,209 @@
+"""The shared amortized sampler g_alpha(eps, h_l, l) of EVaLP (SPEC section 2).
+
+z_l = mu_l + sigma_l * f_alpha(eps; h_l, l), with f an invertible conditional flow of affine couplings
+that is exactly the identity at initialisation, so the sampler starts as NVAE's own prior and its
+density log q_alpha(z_l | h_l) = log N(eps) - log|det df/deps| - sum log sigma_l is exact.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from nvae.hooks import GroupSpec
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half/bfloat16 to float32 (float64 stays float64) so densities are computed exactly."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
+    """sum over (C, H, W) of log N(x; 0, 1), (B,) in at least float32."""
+    x = _at_least_f32(x)
+    return -(0.5 * x.square() + _HALF_LOG_2PI).flatten(1).sum(1)
+
+
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """sum over (C, H, W) of log N(z; mu, sigma^2), (B,) in at least float32."""
+    z, mu, sigma = _at_least_f32(z), _at_least_f32(mu), _at_least_f32(sigma)
+    return standard_normal_log_prob((z - mu) / sigma) - sigma.log().flatten(1).sum(1)
+
+
+class AffineCoupling(nn.Module):
+    """Affine coupling on channel halves: x_b -> x_b * exp(log_s) + t with (log_s, t) = NN(x_a, cond).
+
+    log_s = bound * tanh(raw / bound) keeps scales in [exp(-bound), exp(bound)]; the last conditioner
+    layer is zero-initialised so the coupling is exactly the identity (log-det exactly 0) at init.
+    """
+
+    def __init__(self, channels: int, cond_channels: int, hidden: int, flip: bool, bound: float) -> None:
+        super().__init__()
+        self.flip = flip
+        self.bound = bound
+        self.split = channels // 2
+        n_cond, n_out = (channels - self.split, self.split) if flip else (self.split, channels - self.split)
+        last = nn.Conv2d(hidden, 2 * n_out, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(
+            nn.Conv2d(n_cond + cond_channels, hidden, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.SiLU(),
+            last,
+        )
+
+    def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditioning half, transformed half) of x."""
+        first, second = x[:, : self.split], x[:, self.split :]
+        return (second, first) if self.flip else (first, second)
+
+    def _join(self, x_cond: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``_halves``."""
+        return torch.cat([x_out, x_cond] if self.flip else [x_cond, x_out], dim=1)
+
+    def _params(self, x_cond: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_s, t) in the dtype of x_cond (at least float32), whatever autocast ran the net in."""
+        raw = self.net(torch.cat([x_cond, cond.to(x_cond.dtype)], dim=1)).to(x_cond.dtype)
+        raw_log_s, t = raw.chunk(2, dim=1)
+        return self.bound * torch.tanh(raw_log_s / self.bound), t
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y = coupling(x) and log|det dy/dx| (B,)."""
+        x_cond, x_out = self._halves(x)
+        log_s, t = self._params(x_cond, cond)
+        return self._join(x_cond, x_out * log_s.exp() + t), log_s.flatten(1).sum(1)
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x = coupling^{-1}(y) and log|det dx/dy| (B,)."""
+        y_cond, y_out = self._halves(y)
+        log_s, t = self._params(y_cond, cond)
+        return self._join(y_cond, (y_out - t) * (-log_s).exp()), -log_s.flatten(1).sum(1)
+
+
+class SharedFlowSampler(nn.Module):
+    """One conditional flow for all EVaLP groups: z = mu_p + sigma_p * f(eps; h, l).
+
+    Conditioning: a learned embedding of the group index and a 1x1 projection of h (one projection per
+    scale, since context channels differ by scale), both fed to every coupling's conditioner. All
+    selected groups must share the latent channel count (20 in every NVAE preset).
+
+    Temperature t scales sigma_p exactly as NVAE does (``t * sigma_p``): the sampler at temperature t
+    is the same flow around the tempered prior N(mu_p, (t sigma_p)^2), so the untrained sampler
+    reproduces NVAE's tempered draw bit for bit, and ``log_q`` is the exact density of the returned z
+    at any t. t = 1 is the trained sampler.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[GroupSpec],
+        groups: Sequence[int],
+        hidden: int = 64,
+        num_couplings: int = 4,
+        embed_dim: int = 16,
+        max_log_scale: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if not groups:
+            raise ValueError("SharedFlowSampler needs at least one group")
+        for g in groups:
+            if not 0 <= g < len(specs):
+                raise ValueError(f"group {g} is out of range: the model has {len(specs)} groups")
+        channels = {specs[g].channels for g in groups}
+        if len(channels) != 1:
+            raise ValueError(f"a shared flow needs equal latent channels in all groups, got {channels}")
+        self.groups = [int(g) for g in groups]
+        self.channels = channels.pop()
+        self._row = {g: i for i, g in enumerate(self.groups)}
+        self._scale = {g: specs[g].scale for g in self.groups}
+        context_channels: dict[int, int] = {}
+        for g in self.groups:
+            prev = context_channels.setdefault(specs[g].scale, specs[g].context_channels)
+            if prev != specs[g].context_channels:
+                raise ValueError(f"scale {specs[g].scale} has groups with different context channels")
+        self.embedding = nn.Embedding(len(self.groups), embed_dim)
+        self.context = nn.ModuleDict(
+            {str(s): nn.Conv2d(c, hidden, 1) for s, c in sorted(context_channels.items())}
+        )
+        self.couplings = nn.ModuleList(
+            AffineCoupling(self.channels, hidden + embed_dim, hidden, flip=k % 2 == 1, bound=max_log_scale)
+            for k in range(num_couplings)
+        )
+
+    def _condition(self, h: torch.Tensor, group: int) -> torch.Tensor:
+        """Conditioning features (B, hidden + embed_dim, H, W) from h and the group embedding."""
+        if group not in self._row:
+            raise KeyError(f"group {group} is not sampled by this flow; its groups are {self.groups}")
+        ctx = self.context[str(self._scale[group])](h)  # (B, hidden, H, W)
+        emb = self.embedding.weight[self._row[group]].to(ctx.dtype)  # (embed_dim,)
+        emb = emb.view(1, -1, 1, 1).expand(ctx.shape[0], -1, ctx.shape[2], ctx.shape[3])
+        return torch.cat([ctx, emb], dim=1)
+
+    def flow(self, eps: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """u = f(eps; h, group) and log|det du/deps| (B,), both in at least float32."""
+        cond = self._condition(h, group)
+        x = _at_least_f32(eps)
+        logdet = x.new_zeros(x.shape[0])
+        for coupling in self.couplings:
+            x, ld = coupling(x, cond)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, u: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """eps = f^{-1}(u; h, group) and log|det deps/du| (B,), both in at least float32."""
+        cond = self._condition(h, group)
+        x = _at_least_f32(u)
+        logdet = x.new_zeros(x.shape[0])
+        for coupling in reversed(self.couplings):
+            x, ld = coupling.inverse(x, cond)
+            logdet = logdet + ld
+        return x, logdet
+
+    def forward(
+        self,
+        mu_p: torch.Tensor,
+        sigma_p: torch.Tensor,
+        h: torch.Tensor,
+        group: int,
+        temperature: float = 1.0,
+        eps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw z (like mu_p) and its exact log q (B,); eps ~ N(0, I) via randn_like(mu_p) unless given."""
+        if eps is None:
+            eps = torch.randn_like(mu_p)  # the same draw NVAE makes, so RNG streams stay aligned
+        scale = temperature * sigma_p  # NVAE's order of operations, for bit-identical identity draws
+        u, logdet = self.flow(eps, h, group)
+        z = mu_p + scale * u
+        log_q = standard_normal_log_prob(eps) - logdet - _at_least_f32(scale).log().flatten(1).sum(1)
+        return z, log_q
+
+    def sample(
+        self,
+        mu_p: torch.Tensor,
+        sigma_p: torch.Tensor,
+        h: torch.Tensor,
+        group: int,
+        temperature: float = 1.0,
+        eps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Alias of calling the module (``forward``): z and its exact log q (B,)."""
+        return self(mu_p, sigma_p, h, group, temperature=temperature, eps=eps)
+
+    def log_prob(
+        self,
+        z: torch.Tensor,
+        mu_p: torch.Tensor,
+        sigma_p: torch.Tensor,
+        h: torch.Tensor,
+        group: int,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Exact log q(z | h, group) (B,) at the given temperature, through the inverse flow."""
+        scale = _at_least_f32(temperature * sigma_p)
+        eps, logdet_inverse = self.inverse((_at_least_f32(z) - _at_least_f32(mu_p)) / scale, h, group)
+        return standard_normal_log_prob(eps) + logdet_inverse - scale.log().flatten(1).sum(1)

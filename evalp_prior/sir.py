@@ -1,0 +1,81 @@
+"""Streaming sampling-importance-resampling (SIR) over M proposals per item (SPEC section 1).
+
+One proposal per item is chosen with probability softmax(log w) over all M proposals by the Gumbel-max
+trick, streamed over chunks: argmax_j (log w_j + G_j), G_j ~ Gumbel(0, 1), is an exact categorical
+draw, and the running maximum needs only O(batch * chunk) memory. Proposals are latents, never decoded.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Proposal = torch.Tensor | tuple[torch.Tensor, ...]
+SIR_WEIGHTS = ("exact", "energy")
+
+
+def sir_log_weight(
+    kind: str, energy: torch.Tensor, log_p0: torch.Tensor | None = None, log_q: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SIR log-weights: ``exact`` -E(z) + log p0(z) - log q(z) (importance sampling towards
+    p_psi ∝ p0 exp(-E)), or ``energy`` -E(z) (the authors' variant)."""
+    if kind == "energy":
+        return -energy
+    if kind == "exact":
+        if log_p0 is None or log_q is None:
+            raise ValueError("exact SIR weights need log p0(z) and log q(z)")
+        return -energy + log_p0 - log_q
+    raise ValueError(f"unknown SIR weighting {kind!r}; choose one of {SIR_WEIGHTS}")
+
+
+def sir_select(
+    propose: Callable[[int], Proposal],
+    log_weight: Callable[..., torch.Tensor],
+    num_proposals: int,
+    chunk: int,
+    batch: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Proposal, torch.Tensor]:
+    """Pick one of ``num_proposals`` proposals per item with probability softmax(log w), in chunks.
+
+    ``propose(k)`` draws k proposals for each of the ``batch`` items: a tensor, or a tuple of tensors
+    carrying side information computed at draw time (e.g. log q), each shaped (k, batch, ...); all k
+    proposals of item i share item i's context. ``log_weight(*proposal)`` returns (k, batch) log-weights.
+    The Gumbel noise comes from ``generator`` (the default generator when None), drawn as one (k, batch)
+    uniform block per chunk.
+
+    Returns the chosen proposal (same structure, each tensor (batch, ...)) and the effective sample size
+    per item, (sum w)^2 / sum w^2, from streamed log-sum-exps of log w and 2 log w.
+    """
+    if num_proposals < 1 or chunk < 1:
+        raise ValueError(f"need num_proposals >= 1 and chunk >= 1, got {num_proposals} and {chunk}")
+    best: tuple[torch.Tensor, ...] | None = None
+    best_key = lse_w = lse_w2 = torch.empty(0)
+    drawn = 0
+    while drawn < num_proposals:
+        k = min(chunk, num_proposals - drawn)
+        proposal = propose(k)
+        tensors = proposal if isinstance(proposal, tuple) else (proposal,)
+        log_w = log_weight(*tensors)
+        log_w = log_w.to(torch.promote_types(log_w.dtype, torch.float32))
+        if log_w.shape != (k, batch):
+            raise ValueError(f"log_weight returned shape {tuple(log_w.shape)}, expected {(k, batch)}")
+        uniform = torch.rand(k, batch, generator=generator, device=log_w.device, dtype=log_w.dtype)
+        key, index = (log_w - (-uniform.log()).log()).max(dim=0)  # (batch,), first index on ties
+        items = torch.arange(batch, device=index.device)
+        picked = tuple(t[index, items] for t in tensors)
+        if best is None:
+            best, best_key = picked, key
+            lse_w, lse_w2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
+        else:
+            better = key > best_key  # strict: ties keep the earlier proposal, as one argmax would
+            best = tuple(
+                torch.where(better.view(-1, *([1] * (p.dim() - 1))), p, b) for p, b in zip(picked, best)
+            )
+            best_key = torch.where(better, key, best_key)
+            lse_w = torch.logaddexp(lse_w, log_w.logsumexp(0))
+            lse_w2 = torch.logaddexp(lse_w2, (2 * log_w).logsumexp(0))
+        drawn += k
+    assert best is not None
+    ess = (2 * lse_w - lse_w2).exp()
+    return (best if isinstance(proposal, tuple) else best[0]), ess

@@ -1,0 +1,50 @@
+"""Command-line plumbing shared by the entry points: dataclass fields become grouped, typed flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str = "",
+                       skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of `cls`, default None so that only what the user typed overrides a preset.
+
+    Booleans get --x/--no-x. Destinations are `prefix + field` so two dataclasses may share names.
+    """
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"(preset or default: {default})"
+        dest = prefix + f.name
+        if kind is bool:
+            group.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
+        group.add_argument(_flag(f.name), dest=dest, type=base, default=None, metavar=base.__name__.upper(),
+                           help=help_text)
+
+
+def overrides(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
+    """The fields of `cls` the user set explicitly."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, prefix + f.name, None)
+        if value is not None:
+            out[f.name] = value
+    return out
+
+
+def apply(obj: Any, values: dict[str, Any]) -> Any:
+    """A copy of dataclass `obj` with `values` replaced."""
+    return dataclasses.replace(obj, **values)

@@ -1,0 +1,19 @@
+"""Data sets for NVAE / EVaLP: one registry, items are float32 (C, H, W) images in [0, 1]."""
+from nvae.data.base import ArrayDataset, DatasetError, DatasetInfo
+from nvae.data.lmdb_store import LMDBDataset
+from nvae.data.prepare import PrepareSpec, build_lmdb_dataset
+from nvae.data.registry import available_datasets, dataset_info, get_dataset, lmdb_datasets, prepare_spec
+
+__all__ = [
+    "ArrayDataset",
+    "DatasetError",
+    "DatasetInfo",
+    "LMDBDataset",
+    "PrepareSpec",
+    "available_datasets",
+    "build_lmdb_dataset",
+    "dataset_info",
+    "get_dataset",
+    "lmdb_datasets",
+    "prepare_spec",
+]

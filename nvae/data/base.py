@@ -1,0 +1,49 @@
+"""Types shared by every data set: the error, the static description and the in-memory dataset."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+Split = Literal["train", "test"]
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+class DatasetError(Exception):
+    """A data set is missing, corrupt or misconfigured; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model needs to know about a data set before it sees any data."""
+
+    name: str
+    in_channels: int
+    image_size: int  # images are square, image_size x image_size
+    binarize: bool  # dynamic (per-step Bernoulli) binarisation happens in the training step
+    default_output: Literal["bernoulli", "dmol"]
+    loss_crop: int  # pixels cropped per side before the reconstruction loss (28->32 padding)
+
+
+def check_split(split: str) -> None:
+    """Raise ValueError unless split is 'train' or 'test'."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+class ArrayDataset(Dataset):
+    """A whole split held as one uint8 tensor (N, C, H, W); items are float32 (C, H, W) in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, info: DatasetInfo) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        self.images = images  # (N, C, H, W) uint8
+        self.info = info
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index].float().div_(255.0)  # (C, H, W)

@@ -1,0 +1,68 @@
+"""Command line of stage 1 (also reused by the one-job stage 1 + stage 2 entry point)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .cli import add_dataclass_args, overrides
+from .config import PRESETS, ModelConfig, NVAERunConfig, TrainConfig, preset
+from .data import dataset_info
+from .runtime import RunLogger, StopSignal, resolve_resume, seed_everything
+from .runtime.distributed import DistContext
+from .train import model_config_for_dataset, resume_config, train_nvae
+
+MODEL_PREFIX, TRAIN_PREFIX = "model_", "train_"
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every training entry point shares: where the run lives, resuming, the device."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--save", required=True, help="run directory (options, logs, checkpoints, samples)")
+    run.add_argument("--resume", nargs="?", const="auto", default=None,
+                     help="'auto' (or no value): continue from SAVE/checkpoint.pt if present; or a checkpoint path")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun ranks use their local GPU)")
+
+
+def add_stage1_args(parser: argparse.ArgumentParser, with_run_args: bool = True) -> None:
+    """Preset plus every ModelConfig / TrainConfig field as an override flag."""
+    if with_run_args:
+        add_run_args(parser)
+    parser.add_argument_group("preset").add_argument(
+        "--preset", default="tiny", choices=sorted(PRESETS), help="architecture and schedule to start from")
+    add_dataclass_args(parser, TrainConfig, "stage-1 training and data", TRAIN_PREFIX)
+    add_dataclass_args(parser, ModelConfig, "NVAE architecture", MODEL_PREFIX)
+
+
+def explicit_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The stage-1 settings the user typed, by section."""
+    return {"model": overrides(args, ModelConfig, MODEL_PREFIX), "train": overrides(args, TrainConfig, TRAIN_PREFIX)}
+
+
+def build_stage1_config(args: argparse.Namespace) -> NVAERunConfig:
+    """Preset, then the data set's image shape and likelihood, then the user's explicit values."""
+    base = preset(args.preset)
+    explicit = explicit_overrides(args)
+    train = dataclasses.replace(base.train, **explicit["train"])
+    info = dataset_info(train.dataset, train.data_root)
+    model = model_config_for_dataset(base.model, info, explicit["model"])
+    model = dataclasses.replace(model, **explicit["model"])
+    model.validate()
+    return NVAERunConfig(model=model, train=train)
+
+
+def run_stage1(args: argparse.Namespace, ctx: DistContext, run_dir: Path | None = None) -> int:
+    """Build or restore the config, then train; returns the loop's exit status."""
+    run_dir = Path(run_dir or args.save)
+    resume = resolve_resume(args.resume, run_dir)
+    run_cfg = build_stage1_config(args)
+    if resume is not None:
+        run_cfg = resume_config(resume, run_cfg, explicit_overrides(args))
+    seed_everything(run_cfg.train.seed, ctx)
+    logger = RunLogger(run_dir, ctx.is_main)
+    try:
+        logger.save_options({"command": vars(args), "config": dataclasses.asdict(run_cfg)})
+        return train_nvae(run_cfg, ctx, run_dir, logger, resume, StopSignal())
+    finally:
+        logger.close()
