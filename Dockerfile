@@ -40,12 +40,12 @@ RUN python -m pip install --no-cache-dir -r requirements.txt \
 
 # Non-root user. Recent Ubuntu bases ship a user with UID 1000 ('ubuntu'); it is replaced.
 # /data (inputs) and /runs (checkpoints, logs, samples) are created owned by that user, so named
-# volumes mounted there inherit the ownership.
-RUN if getent passwd "${UID}" >/dev/null; then userdel --remove "$(getent passwd "${UID}" | cut -d: -f1)"; fi \
+# volumes mounted there inherit the ownership; so is the project folder (relative --save paths work).
+RUN if getent passwd "${UID}" >/dev/null; then userdel "$(getent passwd "${UID}" | cut -d: -f1)"; fi \
  && if ! getent group "${GID}" >/dev/null; then groupadd --gid "${GID}" evalp; fi \
  && useradd --create-home --uid "${UID}" --gid "${GID}" --shell /bin/bash evalp \
  && mkdir -p /data /runs \
- && chown "${UID}:${GID}" /data /runs
+ && chown "${UID}:${GID}" /data /runs /workspace/evalp
 
 COPY --chown=${UID}:${GID} . .
 

@@ -128,6 +128,7 @@ def alternating_step(
     config: ObjectiveConfig = ObjectiveConfig(),
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     backward_and_step: BackwardAndStep = plain_backward_and_step,
+    frozen_energies: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """One EVaLP training step for all groups in ``batch``: an energy step, then a sampler step when
     ``(step + 1) % n_critic == 0`` (SPEC section 1; the group losses are summed).
@@ -138,6 +139,10 @@ def alternating_step(
     grads, backpropagates (scaled or not), steps, and returns whether the step was taken. Sampler
     params get no gradient in the energy step (negatives are drawn under no_grad) and energy params
     none in the sampler step (they are frozen), so each closure only ever sees its own gradients.
+
+    ``frozen_energies`` (default ``energies``) is what the sampler step evaluates: pass the unwrapped
+    EnergySet when ``energies`` is DDP-wrapped, since a DDP forward whose parameters get no gradient
+    would leave DDP waiting for a reduction that never comes.
 
     Returns detached 0-dim tensors: ``energy_gap/group{l}`` and ``gp/group{l}`` per group, their
     ``/mean``, ``energy_loss``, ``energy_step_taken``, ``sampler_step`` (1 when a sampler step ran) and,
@@ -172,13 +177,14 @@ def alternating_step(
         return stats
 
     # Sampler step: the energy is a fixed function here.
-    with frozen(energies):
+    critic = energies if frozen_energies is None else frozen_energies
+    with frozen(critic):
         with autocast():
             total = None
             for b in batch:
                 z, log_q = sampler(b.mu_p, b.sigma_p, b.h, b.group)
                 log_p0 = gaussian_log_prob(z, b.mu_p, b.sigma_p)
-                loss = sampler_loss(energies(b.group, z, b.h), log_q, log_p0, config.kl_weight)
+                loss = sampler_loss(critic(b.group, z, b.h), log_q, log_p0, config.kl_weight)
                 total = loss if total is None else total + loss
                 stats[f"kl/group{b.group}"] = (log_q - log_p0).mean().detach()
         taken = backward_and_step(total, sampler_optimizer, list(sampler.parameters()))

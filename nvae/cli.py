@@ -7,15 +7,16 @@ import typing
 from typing import Any
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _flag(name: str, flag_prefix: str = "") -> str:
+    return "--" + flag_prefix + name.replace("_", "-")
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str = "",
-                       skip: tuple[str, ...] = ()) -> None:
+                       skip: tuple[str, ...] = (), flag_prefix: str = "") -> None:
     """One flag per field of `cls`, default None so that only what the user typed overrides a preset.
 
-    Booleans get --x/--no-x. Destinations are `prefix + field` so two dataclasses may share names.
+    Booleans get --x/--no-x. Destinations are `prefix + field` so two dataclasses may share names;
+    flag_prefix (e.g. 'stage1-') does the same for the flags themselves.
     """
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
@@ -27,11 +28,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, p
         help_text = f"(preset or default: {default})"
         dest = prefix + f.name
         if kind is bool:
-            group.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+            group.add_argument(_flag(f.name, flag_prefix), dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
-        group.add_argument(_flag(f.name), dest=dest, type=base, default=None, metavar=base.__name__.upper(),
+        group.add_argument(_flag(f.name, flag_prefix), dest=dest, type=base, default=None, metavar=base.__name__.upper(),
                            help=help_text)
 
 

@@ -23,7 +23,7 @@ class Normal:
         self.sigma = torch.exp(soft_clamp5(log_sigma)) + SIGMA_FLOOR
 
     def sample(self, temperature: float = 1.0) -> torch.Tensor:
-        """mu + sigma * (temperature * eps); the order of operations is part of the prior-hook contract."""
+        """mu + (temperature * sigma) * eps; the order of operations is part of the prior-hook contract."""
         return draw_normal(self.mu, self.sigma, temperature)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -36,9 +36,12 @@ class Normal:
 
 
 def draw_normal(mu: torch.Tensor, sigma: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """NVAE's reparameterised draw at a temperature: mu + sigma * (temperature * eps)."""
-    eps = torch.randn_like(mu) * temperature
-    return mu + sigma * eps
+    """NVAE's reparameterised draw at a temperature: mu + (temperature * sigma) * eps, eps = randn_like(mu).
+
+    A prior hook that wants to reproduce this draw bit for bit must use the same order of operations.
+    """
+    eps = torch.randn_like(mu)
+    return mu + (temperature * sigma) * eps
 
 
 def normal_log_prob(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

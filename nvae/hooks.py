@@ -61,7 +61,7 @@ class PriorHook(Protocol):
         sigma_p: torch.Tensor,
         temperature: float,
     ) -> Optional[torch.Tensor]:
-        """Return z_l of shape mu_p.shape, or None to let NVAE draw mu_p + temperature*sigma_p*eps.
+        """Return z_l of shape mu_p.shape, or None to let NVAE draw mu_p + (temperature * sigma_p) * eps.
 
         mu_p and sigma_p are at temperature 1; h is the decoder context of group ``group``.
         """

@@ -25,14 +25,15 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun ranks use their local GPU)")
 
 
-def add_stage1_args(parser: argparse.ArgumentParser, with_run_args: bool = True) -> None:
-    """Preset plus every ModelConfig / TrainConfig field as an override flag."""
+def add_stage1_args(parser: argparse.ArgumentParser, with_run_args: bool = True, flag_prefix: str = "") -> None:
+    """Preset plus every ModelConfig / TrainConfig field as an override flag (optionally prefixed)."""
     if with_run_args:
         add_run_args(parser)
     parser.add_argument_group("preset").add_argument(
-        "--preset", default="tiny", choices=sorted(PRESETS), help="architecture and schedule to start from")
-    add_dataclass_args(parser, TrainConfig, "stage-1 training and data", TRAIN_PREFIX)
-    add_dataclass_args(parser, ModelConfig, "NVAE architecture", MODEL_PREFIX)
+        f"--{flag_prefix}preset", dest="preset", default="tiny", choices=sorted(PRESETS),
+        help="architecture and schedule to start from")
+    add_dataclass_args(parser, TrainConfig, "stage-1 training and data", TRAIN_PREFIX, flag_prefix=flag_prefix)
+    add_dataclass_args(parser, ModelConfig, "NVAE architecture", MODEL_PREFIX, flag_prefix=flag_prefix)
 
 
 def explicit_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

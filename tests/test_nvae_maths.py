@@ -132,7 +132,7 @@ class _NVAEDraw:
     """A hook that draws exactly what NVAE would."""
 
     def sample_group(self, group, h, mu_p, sigma_p, temperature):
-        return mu_p + sigma_p * (torch.randn_like(mu_p) * temperature)
+        return mu_p + (temperature * sigma_p) * torch.randn_like(mu_p)
 
 
 class _NoOp:

@@ -1,0 +1,245 @@
+"""Stage 2: fit EVaLP energies and the shared sampler to a frozen NVAE's aggregate posterior."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from nvae.config import NVAERunConfig
+from nvae.data import dataset_info, get_dataset
+from nvae.model import NVAE
+from nvae.runtime import (CheckpointError, DistContext, Precision, RunLogger, StopSignal, all_gather_object,
+                          load_checkpoint)
+from nvae.runtime.loop import LoopSettings, isolated_rng, run_training, steps_per_epoch
+from nvae.train import binarize_if_needed, sample_images, split_for_rank
+
+from .config import EVaLPConfig, EVaLPRunConfig
+from .energy import EnergySet
+from .groups import parse_groups
+from .metrics.mmd import mmd2_unbiased
+from .objectives import GroupBatch, ObjectiveConfig, alternating_step
+from .prior import EVaLPPrior
+from .sampler import SharedFlowSampler
+
+KIND = "evalp"
+
+
+def vae_fingerprint(model: NVAE) -> str:
+    """SHA-256 of the NVAE's weights: identifies the frozen model a prior was fitted to."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_prior_modules(cfg: EVaLPConfig, vae: NVAE) -> tuple[list[int], EnergySet, SharedFlowSampler]:
+    """The selected groups, their energies and the shared sampler (identity at initialisation)."""
+    groups = parse_groups(cfg.groups, vae.group_specs)
+    energies = EnergySet(vae.group_specs, groups, cfg.energy_hidden, cfg.share_energy_within_scale,
+                         cfg.energy_spectral_norm)
+    sampler = SharedFlowSampler(vae.group_specs, groups, cfg.sampler_hidden, cfg.num_couplings, cfg.embed_dim)
+    return groups, energies, sampler
+
+
+def posterior_group_batches(vae: NVAE, x: torch.Tensor, groups: list[int], precision: Precision) -> list[GroupBatch]:
+    """One frozen-VAE posterior pass: positives z_l and contexts h_l for every EVaLP group, in float32."""
+    with torch.no_grad(), precision.autocast():
+        out = vae.posterior(x)
+    return [GroupBatch(g, out.groups[g].z.float(), out.groups[g].h.float(), out.groups[g].mu_p.float(),
+                       out.groups[g].sigma_p.float()) for g in groups]
+
+
+class EVaLPTask:
+    """The alternating energy / sampler optimisation on a frozen NVAE."""
+
+    kind = KIND
+
+    def __init__(self, run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext,
+                 test_set: Dataset, binarize: bool, logger: RunLogger):
+        cfg = run_cfg.evalp
+        self.run_cfg, self.cfg, self.vae, self.vae_cfg = run_cfg, cfg, vae, vae_cfg
+        self.ctx, self.test_set, self.binarize, self.logger = ctx, test_set, binarize, logger
+        vae.eval().requires_grad_(False)
+        self.groups, energies, sampler = build_prior_modules(cfg, vae)
+        self.energies, self.sampler = energies.to(ctx.device), sampler.to(ctx.device)
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # Separate DDP modules: the energy and the sampler have separate backward passes.
+        self.energy_net = DistributedDataParallel(self.energies, device_ids=ids) if ctx.is_distributed else self.energies
+        self.sampler_net = DistributedDataParallel(self.sampler, device_ids=ids) if ctx.is_distributed else self.sampler
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=cfg.lr_energy, betas=betas)
+        self.sampler_opt = torch.optim.Adam(self.sampler.parameters(), lr=cfg.lr_sampler, betas=betas)
+        # One scaler per optimiser: each backward pass has its own loss scale under fp16.
+        self.energy_prec = Precision.create(cfg.precision, ctx.device)
+        self.sampler_prec = Precision.create(cfg.precision, ctx.device)
+        self.objective = ObjectiveConfig(n_critic=cfg.n_critic, lambda_gp=cfg.lambda_gp, kl_weight=cfg.kl_weight)
+        self.last_metrics: dict[str, float] = {}
+
+    def config_json(self) -> str:
+        return self.run_cfg.to_json()
+
+    def prior(self, **sir: Any) -> EVaLPPrior:
+        """The trained prior as a sampling hook (optionally with SIR)."""
+        return EVaLPPrior(self.energies, self.sampler, self.groups, **sir)
+
+    def _backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> bool:
+        prec = self.energy_prec if optimizer is self.energy_opt else self.sampler_prec
+        optimizer.zero_grad(set_to_none=True)
+        # An infinite clip threshold only measures the norm: that is how non-finite steps are caught.
+        return prec.backward_and_step(loss, optimizer, params, max_grad_norm=float("inf"))
+
+    def train_step(self, batch: torch.Tensor, step: int) -> Optional[dict[str, torch.Tensor]]:
+        self.energies.train()
+        self.sampler.train()
+        x = binarize_if_needed(batch, self.binarize)
+        group_batches = posterior_group_batches(self.vae, x, self.groups, self.energy_prec)
+        stats = alternating_step(group_batches, self.energy_net, self.sampler_net, self.energy_opt, self.sampler_opt,
+                                 step, self.objective, self.energy_prec.autocast, self._backward_and_step,
+                                 frozen_energies=self.energies)
+        if not bool(stats["energy_step_taken"]) or not bool(stats.get("sampler_step_taken", 1.0)):
+            return None
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Per-group MMD to the test set's aggregate posterior, for the sampler and for NVAE's own prior."""
+        self.energies.eval()
+        self.sampler.eval()
+        cfg = self.cfg
+        subset = split_for_rank(self.test_set, self.ctx, cfg.eval_batches * cfg.batch_size * self.ctx.world_size)
+        pos: dict[int, list[torch.Tensor]] = {g: [] for g in self.groups}
+        neg: dict[int, list[torch.Tensor]] = {g: [] for g in self.groups}
+        base: dict[int, list[torch.Tensor]] = {g: [] for g in self.groups}
+        gaps: dict[int, list[torch.Tensor]] = {g: [] for g in self.groups}
+        for batch in DataLoader(subset, batch_size=cfg.batch_size):
+            x = binarize_if_needed(batch.to(self.ctx.device), self.binarize)
+            for b in posterior_group_batches(self.vae, x, self.groups, self.energy_prec):
+                z_neg, _ = self.sampler(b.mu_p, b.sigma_p, b.h, b.group)
+                z_base = b.mu_p + b.sigma_p * torch.randn_like(b.mu_p)
+                gaps[b.group].append(self.energies(b.group, b.z_pos, b.h) - self.energies(b.group, z_neg, b.h))
+                for store, z in ((pos, b.z_pos), (neg, z_neg), (base, z_base)):
+                    store[b.group].append(z.flatten(1).cpu())
+        gathered = all_gather_object({"pos": pos, "neg": neg, "base": base, "gaps": gaps}, self.ctx)
+        metrics: dict[str, float] = {}
+        ratios = []
+        for g in self.groups:
+            joined = {k: torch.cat([t.cpu() for part in gathered for t in part[k][g]]) for k in ("pos", "neg", "base")}
+            mmd_evalp = float(mmd2_unbiased(joined["pos"], joined["neg"]))
+            mmd_gauss = float(mmd2_unbiased(joined["pos"], joined["base"]))
+            metrics[f"mmd_evalp/group{g:02d}"] = mmd_evalp
+            metrics[f"mmd_gaussian/group{g:02d}"] = mmd_gauss
+            metrics[f"energy_gap/group{g:02d}"] = float(torch.cat([t.cpu() for part in gathered for t in part["gaps"][g]]).mean())
+            ratios.append(mmd_evalp / max(mmd_gauss, 1e-12))
+        top = self.groups[0]
+        metrics["mmd_evalp_top"] = metrics[f"mmd_evalp/group{top:02d}"]
+        metrics["mmd_gaussian_top"] = metrics[f"mmd_gaussian/group{top:02d}"]
+        metrics["mmd_ratio_mean"] = sum(ratios) / len(ratios)
+        if self.ctx.is_main:
+            images = sample_images(self.vae, 64, cfg.sample_temperature, self.prior())
+            self.logger.images("samples_evalp", images, step, png_path=f"samples/step_{step:08d}.png")
+        self.last_metrics = metrics
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"energies": self.energies.state_dict(), "sampler": self.sampler.state_dict(),
+                "energy_opt": self.energy_opt.state_dict(), "sampler_opt": self.sampler_opt.state_dict(),
+                "energy_scaler": self.energy_prec.scaler.state_dict(),
+                "sampler_scaler": self.sampler_prec.scaler.state_dict(),
+                # The frozen NVAE travels with the prior, so a stage-2 checkpoint generates on its own.
+                "vae": {"config": self.vae_cfg.to_json(), "model": self.vae.state_dict()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.energies.load_state_dict(state["energies"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.energy_opt.load_state_dict(state["energy_opt"])
+        self.sampler_opt.load_state_dict(state["sampler_opt"])
+        self.energy_prec.scaler.load_state_dict(state["energy_scaler"])
+        self.sampler_prec.scaler.load_state_dict(state["sampler_scaler"])
+
+
+def train_evalp(run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path,
+                logger: RunLogger, resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
+    """Run stage 2 to completion (or pre-emption); writes checkpoints, samples.png and final_metrics.json."""
+    cfg, tc = run_cfg.evalp, vae_cfg.train
+    info = dataset_info(tc.dataset, tc.data_root)
+    train_set = get_dataset(tc.dataset, "train", tc.data_root)
+    test_set = get_dataset(tc.dataset, "test", tc.data_root)
+    per_epoch = steps_per_epoch(len(train_set), ctx.world_size, cfg.batch_size)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
+    task = EVaLPTask(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger)
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (task.energies, task.sampler)]
+    logger.info(f"EVaLP on groups {task.groups}: energies {sizes[0] / 1e3:.1f}k, sampler {sizes[1] / 1e3:.1f}k "
+                f"parameters; {total_steps} steps on {ctx.world_size} process(es), {cfg.precision}")
+    settings = LoopSettings(total_steps=total_steps, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            seed=cfg.seed, log_every=cfg.log_every, eval_every=cfg.eval_every,
+                            ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.keep_checkpoints,
+                            max_bad_steps=cfg.max_bad_steps)
+    status = run_training(task, train_set, ctx, settings, run_dir, logger, resume, stop)
+    if status == 0 and ctx.is_main:
+        with isolated_rng(ctx):
+            images = sample_images(vae, 64, cfg.sample_temperature, task.prior(), bn_batches=cfg.bn_readjust_batches)
+        logger.images("final_samples", images, total_steps, png_path="samples.png")
+        summary = json.dumps(task.last_metrics, indent=2, sort_keys=True) + "\n"
+        save_text_atomic(run_dir / "final_metrics.json", summary)
+        logger.info(f"wrote {run_dir / 'samples.png'} and {run_dir / 'final_metrics.json'}")
+    return status
+
+
+def save_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_vae_for_stage2(path: Path, device: torch.device) -> tuple[NVAE, NVAERunConfig, str]:
+    """The frozen NVAE from a stage-1 checkpoint, with its fingerprint."""
+    from nvae.train import load_trained_nvae
+
+    vae, vae_cfg, _ = load_trained_nvae(path, device)
+    return vae, vae_cfg, vae_fingerprint(vae)
+
+
+@dataclass
+class TrainedEVaLP:
+    """A stage-2 checkpoint loaded for sampling: the frozen NVAE (eval mode) and the fitted prior."""
+
+    vae: NVAE
+    vae_cfg: NVAERunConfig
+    run_cfg: EVaLPRunConfig
+    groups: list[int]
+    energies: EnergySet
+    sampler: SharedFlowSampler
+
+    def prior(self, **sir: Any) -> EVaLPPrior:
+        """The prior hook; keyword arguments configure SIR (see EVaLPPrior)."""
+        return EVaLPPrior(self.energies, self.sampler, self.groups, **sir)
+
+
+def load_evalp(path: Path, device: torch.device) -> TrainedEVaLP:
+    """Everything a stage-2 checkpoint holds, ready to sample."""
+    payload = load_checkpoint(path, expected_kind=KIND, map_location=device)
+    run_cfg = EVaLPRunConfig.from_json(payload["config"])
+    vae_cfg = NVAERunConfig.from_json(payload["task"]["vae"]["config"])
+    vae = NVAE(vae_cfg.model).to(device)
+    vae.load_state_dict(payload["task"]["vae"]["model"])
+    vae.eval()
+    if vae_fingerprint(vae) != run_cfg.vae_fingerprint:
+        raise CheckpointError(f"{path}: the embedded NVAE does not match the fingerprint recorded at training time")
+    groups, energies, sampler = build_prior_modules(run_cfg.evalp, vae)
+    energies.load_state_dict(payload["task"]["energies"])
+    sampler.load_state_dict(payload["task"]["sampler"])
+    return TrainedEVaLP(vae, vae_cfg, run_cfg, groups, energies.to(device).eval(), sampler.to(device).eval())
+
+
+__all__ = ["EVaLPTask", "TrainedEVaLP", "build_prior_modules", "load_evalp", "load_vae_for_stage2", "train_evalp",
+           "vae_fingerprint"]

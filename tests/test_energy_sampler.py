@@ -1,0 +1,222 @@
+"""Energies, the shared flow sampler, the objectives and group selection."""
+import math
+
+import pytest
+import torch
+
+from evalp_prior.energy import EnergySet
+from evalp_prior.groups import parse_groups
+from evalp_prior.objectives import (
+    GroupBatch,
+    ObjectiveConfig,
+    alternating_step,
+    energy_loss,
+    gradient_penalty,
+    sampler_loss,
+)
+from evalp_prior.sampler import SharedFlowSampler, gaussian_log_prob
+from nvae.hooks import GroupSpec
+
+# Two scales with different context channels, like NVAE's adaptive group layout.
+SPECS = [
+    GroupSpec(index=0, scale=0, channels=4, height=2, width=2, context_channels=6),
+    GroupSpec(index=1, scale=0, channels=4, height=2, width=2, context_channels=6),
+    GroupSpec(index=2, scale=1, channels=4, height=3, width=3, context_channels=5),
+]
+
+
+def _inputs(spec: GroupSpec, batch: int, dtype=torch.float32, seed: int = 0):
+    """(mu_p, sigma_p, h) for a group."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, *spec.shape)
+    mu = torch.randn(shape, generator=g, dtype=dtype)
+    sigma = 0.5 + torch.rand(shape, generator=g, dtype=dtype)
+    h = torch.randn(batch, spec.context_channels, spec.height, spec.width, generator=g, dtype=dtype)
+    return mu, sigma, h
+
+
+def _randomised_sampler(dtype=torch.float64) -> SharedFlowSampler:
+    """A sampler whose zero-initialised conditioner outputs are randomised, so f is not the identity."""
+    torch.manual_seed(0)
+    sampler = SharedFlowSampler(SPECS, [0, 1, 2], hidden=8, num_couplings=4, embed_dim=3)
+    with torch.no_grad():
+        for coupling in sampler.couplings:
+            last = coupling.net[-1]
+            last.weight.normal_(0, 0.3)
+            last.bias.normal_(0, 0.3)
+    return sampler.to(dtype)
+
+
+def test_energy_is_per_sample_and_shares_within_scale():
+    energies = EnergySet(SPECS, [0, 1, 2], hidden=8)
+    shared = EnergySet(SPECS, [0, 1, 2], hidden=8, share_within_scale=True)
+    assert len(energies.nets) == 3 and len(shared.nets) == 2
+    mu, _, h = _inputs(SPECS[2], 5)
+    e = energies(2, mu, h)
+    assert e.shape == (5,) and e.dtype == torch.float32
+    # No batch-dependent layers: each sample's energy ignores the rest of the batch.
+    singles = torch.cat([energies(2, mu[i : i + 1], h[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(e, singles)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert energies(2, mu, h).dtype == torch.float32
+    with pytest.raises(KeyError):
+        EnergySet(SPECS, [0], hidden=8)(1, mu, h)
+
+
+def test_flow_logdet_matches_autograd_jacobian():
+    sampler = _randomised_sampler()
+    for group in (0, 2):
+        spec = SPECS[group]
+        _, _, h = _inputs(spec, 1, torch.float64, seed=group)
+        eps = torch.randn(1, *spec.shape, dtype=torch.float64)
+        _, logdet = sampler.flow(eps, h, group)
+        jac = torch.autograd.functional.jacobian(lambda x: sampler.flow(x, h, group)[0], eps)
+        n = eps.numel()
+        _, expected = torch.linalg.slogdet(jac.reshape(n, n))
+        assert abs(logdet.item()) > 0.1  # the randomisation made the flow non-trivial
+        torch.testing.assert_close(logdet, expected.reshape(1), rtol=1e-9, atol=1e-9)
+
+
+def test_inverse_and_log_prob_round_trip():
+    sampler = _randomised_sampler()
+    mu, sigma, h = _inputs(SPECS[2], 4, torch.float64)
+    eps = torch.randn_like(mu)
+    u, logdet = sampler.flow(eps, h, 2)
+    back, logdet_inverse = sampler.inverse(u, h, 2)
+    torch.testing.assert_close(back, eps)
+    torch.testing.assert_close(logdet_inverse, -logdet)
+    for temperature in (1.0, 0.7):
+        z, log_q = sampler(mu, sigma, h, 2, temperature=temperature)
+        torch.testing.assert_close(sampler.log_prob(z, mu, sigma, h, 2, temperature), log_q)
+    # The group embedding conditions the flow: groups 0 and 1 share scale and context, not the map.
+    _, _, h0 = _inputs(SPECS[0], 4, torch.float64)
+    eps0 = torch.randn(4, *SPECS[0].shape, dtype=torch.float64)
+    assert not torch.allclose(sampler.flow(eps0, h0, 0)[0], sampler.flow(eps0, h0, 1)[0])
+
+
+def test_log_prob_is_a_normalised_density():
+    # A 2-dimensional group (C=2, 1x1) with a non-trivial flow: integrate q on a grid.
+    specs = [GroupSpec(0, 0, 2, 1, 1, 3)]
+    torch.manual_seed(1)
+    sampler = SharedFlowSampler(specs, [0], hidden=8, num_couplings=4).double()
+    with torch.no_grad():
+        for coupling in sampler.couplings:
+            coupling.net[-1].weight.normal_(0, 0.5)
+    step = 0.05
+    axis = torch.arange(-8, 8, step, dtype=torch.float64)
+    grid = torch.cartesian_prod(axis, axis).view(-1, 2, 1, 1)
+    n = grid.shape[0]
+    mu = torch.tensor([0.3, -0.2], dtype=torch.float64).view(1, 2, 1, 1).expand(n, -1, -1, -1)
+    sigma = torch.tensor([1.2, 0.8], dtype=torch.float64).view(1, 2, 1, 1).expand(n, -1, -1, -1)
+    h = torch.ones(n, 3, 1, 1, dtype=torch.float64)
+    mass = sampler.log_prob(grid, mu, sigma, h, 0, temperature=0.9).exp().sum() * step**2
+    assert abs(mass.item() - 1.0) < 1e-3
+
+
+def test_identity_at_init_reproduces_nvae_draw_bit_for_bit():
+    sampler = SharedFlowSampler(SPECS, [0, 1, 2], hidden=8)
+    mu, sigma, h = _inputs(SPECS[2], 6)
+    for temperature in (1.0, 0.7):
+        torch.manual_seed(123)
+        nvae_draw = mu + temperature * sigma * torch.randn_like(mu)  # NVAE's own expression
+        torch.manual_seed(123)
+        z, log_q = sampler(mu, sigma, h, 2, temperature=temperature)
+        assert torch.equal(z, nvae_draw)
+        torch.testing.assert_close(log_q, gaussian_log_prob(z, mu, temperature * sigma))
+    eps = torch.randn_like(mu)
+    z, _ = sampler.sample(mu, sigma, h, 2, eps=eps)
+    assert torch.equal(z, mu + sigma * eps)
+    _, logdet = sampler.flow(eps, h, 2)
+    assert torch.equal(logdet, torch.zeros(6))
+
+
+def test_densities_stay_float32_under_autocast():
+    sampler = _randomised_sampler(torch.float32)
+    mu, sigma, h = _inputs(SPECS[2], 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, log_q = sampler(mu, sigma, h, 2)
+        log_prob = sampler.log_prob(z, mu, sigma, h, 2)
+    assert z.dtype == log_q.dtype == torch.float32
+    # The conditioners run in bfloat16, but the inverse recomputes the same values: still exact.
+    torch.testing.assert_close(log_prob, log_q, rtol=1e-5, atol=1e-4)
+
+
+def test_gradient_penalty_of_a_linear_energy():
+    a = torch.tensor([0.5, -2.0, 1.0, 0.25], requires_grad=True)  # E(z) = <a, z>, grad norm ||a||
+    z_pos, z_neg = torch.randn(7, 4, 1, 1), torch.randn(7, 4, 1, 1)
+    gp = gradient_penalty(lambda z, h: z.flatten(1) @ a, z_pos, z_neg, torch.zeros(7, 1, 1, 1))
+    norm = a.detach().norm()
+    torch.testing.assert_close(gp, (norm - 1) ** 2)
+    (grad,) = torch.autograd.grad(gp, a)  # create_graph=True makes the penalty trainable
+    torch.testing.assert_close(grad, 2 * (norm - 1) * a.detach() / norm)
+
+
+def test_loss_formulas():
+    e_pos, e_neg = torch.tensor([1.0, 3.0]), torch.tensor([0.0, -2.0])
+    loss, stats = energy_loss(e_pos, e_neg, torch.tensor(0.5), lambda_gp=10.0)
+    torch.testing.assert_close(loss, torch.tensor(2.0 - (-1.0) + 5.0))
+    torch.testing.assert_close(stats["energy_gap"], torch.tensor(3.0))
+    log_q, log_p0 = torch.tensor([-1.0, -3.0]), torch.tensor([-4.0, -4.0])
+    torch.testing.assert_close(sampler_loss(e_neg, log_q, log_p0, 0.0), torch.tensor(-1.0))
+    torch.testing.assert_close(sampler_loss(e_neg, log_q, log_p0, 0.5), torch.tensor(-1.0 + 0.5 * 2.0))
+
+
+def test_alternating_step_updates_the_right_parameters():
+    groups = [0, 2]
+    energies = EnergySet(SPECS, groups, hidden=8)
+    sampler = SharedFlowSampler(SPECS, groups, hidden=8)
+    opt_e = torch.optim.SGD(energies.parameters(), lr=0.1)
+    opt_s = torch.optim.SGD(sampler.parameters(), lr=0.1)
+    batch = []
+    for g in groups:
+        mu, sigma, h = _inputs(SPECS[g], 5, seed=g)
+        batch.append(GroupBatch(g, mu + 0.5 * torch.randn_like(mu), h, mu, sigma))
+
+    def snapshot(module):
+        return [p.detach().clone() for p in module.parameters()]
+
+    config = ObjectiveConfig(n_critic=2, kl_weight=1e-3)
+    e0, s0 = snapshot(energies), snapshot(sampler)
+    stats = alternating_step(batch, energies, sampler, opt_e, opt_s, step=0, config=config)
+    assert stats["sampler_step"].item() == 0 and "sampler_loss" not in stats
+    assert all(torch.equal(a, b) for a, b in zip(s0, snapshot(sampler)))
+    assert not all(torch.equal(a, b) for a, b in zip(e0, snapshot(energies)))
+    assert set(stats) >= {"energy_gap/group0", "energy_gap/group2", "energy_gap/mean", "gp/mean"}
+
+    e1, s1 = snapshot(energies), snapshot(sampler)
+    opt_e.zero_grad(set_to_none=True)
+    calls = []
+
+    def backward_and_step(loss, optimizer, params):
+        calls.append(optimizer)
+        if optimizer is opt_e:
+            return True  # the energy step of this call is skipped, as a non-finite step would be
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in energies.parameters())  # energy grads never computed
+        optimizer.step()
+        return True
+
+    stats = alternating_step(batch, energies, sampler, opt_e, opt_s, step=1, config=config,
+                             backward_and_step=backward_and_step)
+    assert calls == [opt_e, opt_s] and stats["sampler_step"].item() == 1
+    assert set(stats) >= {"sampler_loss", "kl/group0", "kl/group2"}
+    assert all(torch.equal(a, b) for a, b in zip(e1, snapshot(energies)))
+    assert not all(torch.equal(a, b) for a, b in zip(s1, snapshot(sampler)))
+    assert all(p.requires_grad for p in energies.parameters())  # frozen only during the step
+
+
+def test_parse_groups():
+    assert parse_groups("all", SPECS) == [0, 1, 2]
+    assert parse_groups("top", SPECS) == [0]
+    assert parse_groups(" 2, 0 ", SPECS) == [0, 2]
+    for bad in ("3", "-1", "0,,1", "1,1", "first", "", "0;1"):
+        with pytest.raises(ValueError):
+            parse_groups(bad, SPECS)
+
+
+def test_gaussian_log_prob_matches_torch():
+    z, mu, sigma = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2), torch.rand(3, 2, 2, 2) + 0.1
+    expected = torch.distributions.Normal(mu, sigma).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(gaussian_log_prob(z, mu, sigma), expected)
+    assert math.isfinite(gaussian_log_prob(z.half(), mu.half(), sigma.half()).sum().item())

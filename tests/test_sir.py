@@ -1,0 +1,144 @@
+"""Streaming SIR against exact sampling, and the EVaLP prior hook."""
+import pytest
+import torch
+from scipy import stats
+
+from evalp_prior.energy import EnergySet
+from evalp_prior.prior import EVaLPPrior
+from evalp_prior.sampler import SharedFlowSampler
+from evalp_prior.sir import sir_log_weight, sir_select
+from nvae.hooks import GroupSpec, PriorHook
+
+PROPOSAL = torch.distributions.Normal(0.0, 2.0)
+TARGET = torch.distributions.Normal(1.0, 0.5)
+
+
+def _resample(log_weight, batch: int = 3000, proposals: int = 200, chunk: int = 37) -> torch.Tensor:
+    """SIR draws for ``batch`` items from N(0, 2^2) proposals."""
+    torch.manual_seed(0)
+    z, _ = sir_select(lambda k: PROPOSAL.sample((k, batch)), log_weight, proposals, chunk, batch)
+    return z
+
+
+def test_exact_weights_resample_the_target():
+    z = _resample(lambda z: sir_log_weight("exact", torch.zeros_like(z), TARGET.log_prob(z), PROPOSAL.log_prob(z)))
+    result = stats.kstest(z.numpy(), stats.norm(1.0, 0.5).cdf)
+    assert result.pvalue > 0.01, result
+
+
+def test_wrong_weights_fail_the_same_test():
+    z = _resample(lambda z: torch.zeros_like(z))  # uniform weights: SIR returns the proposal
+    result = stats.kstest(z.numpy(), stats.norm(1.0, 0.5).cdf)
+    assert result.statistic > 0.3, result
+
+
+def test_energy_weights_tilt_the_proposal():
+    # log w = -E with E(z) = z^2 / 2 - z: the target is N(0, 2^2) * exp(-E) = N(0.8, 0.8).
+    z = _resample(lambda z: sir_log_weight("energy", z.square() / 2 - z))
+    result = stats.kstest(z.numpy(), stats.norm(0.8, 0.8**0.5).cdf)
+    assert result.pvalue > 0.01, result
+
+
+def test_chunked_selection_equals_one_argmax():
+    batch, proposals = 5, 23
+    table = torch.randn(proposals, batch, generator=torch.Generator().manual_seed(1)) * 3
+    items = torch.arange(batch)
+
+    def make_proposer():
+        drawn = [0]
+
+        def propose(k):
+            index = torch.arange(drawn[0], drawn[0] + k).view(k, 1).expand(k, batch)  # proposal ids
+            drawn[0] += k
+            return index, table[index, items] * 10  # a tuple: the id and side information
+
+        return propose
+
+    def log_weight(index, _aux):
+        return table[index, items]
+
+    # Unchunked reference: one categorical draw by Gumbel-max with the same noise stream.
+    uniform = torch.rand(proposals, batch, generator=torch.Generator().manual_seed(2))
+    expected = (table - (-uniform.log()).log()).argmax(dim=0)
+    w = table.exp()
+    expected_ess = w.sum(0) ** 2 / w.square().sum(0)
+    for chunk in (1, 7, proposals, 100):
+        (index, aux), ess = sir_select(
+            make_proposer(), log_weight, proposals, chunk, batch, torch.Generator().manual_seed(2)
+        )
+        assert torch.equal(index, expected)
+        assert torch.equal(aux, table[expected, items] * 10)
+        torch.testing.assert_close(ess, expected_ess)
+
+
+def test_selection_frequencies_match_softmax():
+    # Discrete target: 4 fixed proposals per item with known weights; chi-square over 20000 items.
+    batch, logits = 20000, torch.tensor([0.0, 1.0, -1.0, 2.0])
+    torch.manual_seed(3)
+    index, _ = sir_select(
+        lambda k: torch.arange(k).view(k, 1).expand(k, batch),
+        lambda index: logits[index],
+        num_proposals=4,
+        chunk=4,
+        batch=batch,
+    )
+    observed = torch.bincount(index, minlength=4).numpy()
+    expected = logits.double().softmax(0).numpy() * batch
+    assert stats.chisquare(observed, expected).pvalue > 0.01
+
+
+SPECS = [GroupSpec(0, 0, 4, 2, 2, 3), GroupSpec(1, 1, 4, 3, 3, 5)]
+
+
+def _prior(**kwargs) -> EVaLPPrior:
+    torch.manual_seed(0)
+    energies = EnergySet(SPECS, [0, 1], hidden=8)
+    sampler = SharedFlowSampler(SPECS, [0, 1], hidden=8)
+    return EVaLPPrior(energies, sampler, [0, 1], **kwargs)
+
+
+def test_prior_hook_at_identity_reproduces_nvae():
+    prior = _prior()
+    assert isinstance(prior, PriorHook)
+    mu, sigma, h = torch.randn(3, 4, 3, 3), torch.rand(3, 4, 3, 3) + 0.5, torch.randn(3, 5, 3, 3)
+    torch.manual_seed(7)
+    nvae_draw = mu + 0.8 * sigma * torch.randn_like(mu)
+    torch.manual_seed(7)
+    assert torch.equal(prior.sample_group(1, h, mu, sigma, 0.8), nvae_draw)
+    assert EVaLPPrior(prior.energies, prior.sampler, [0]).sample_group(1, h, mu, sigma, 1.0) is None
+
+
+class LinearEnergy(torch.nn.Module):
+    """E(z) = -<a, z>: tilting N(mu, sigma^2) by exp(-E) gives N(mu + a sigma^2, sigma^2)."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = a
+
+    def forward(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return -self.a * z.flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("weights", ["exact", "energy"])
+def test_prior_hook_sir_samples_the_tilted_prior(weights):
+    # Identity sampler (q = p0): both weightings target p0 exp(-E). Each item has its own mu, sigma,
+    # so proposals that do not share their item's context would shift the per-item distribution.
+    specs = [GroupSpec(0, 0, 2, 1, 1, 3)]
+    torch.manual_seed(0)
+    prior = EVaLPPrior(LinearEnergy(0.5), SharedFlowSampler(specs, [0], hidden=8), [0],
+                       sir_proposals=100, sir_weights=weights, sir_chunk=30)
+    batch = 2000
+    mu = torch.linspace(-3, 3, batch).view(batch, 1, 1, 1).expand(-1, 2, -1, -1)
+    sigma = torch.linspace(0.5, 1.5, batch).flip(0).view(batch, 1, 1, 1).expand(-1, 2, -1, -1)
+    z = prior.sample_group(0, torch.ones(batch, 3, 1, 1), mu, sigma, 1.0)
+    standardised = (z - mu - 0.5 * sigma.square()) / sigma
+    assert stats.kstest(standardised.flatten().numpy(), "norm").pvalue > 0.01
+    untilted = (z - mu) / sigma  # the same test against the base prior must fail
+    assert stats.kstest(untilted.flatten().numpy(), "norm").statistic > 0.1
+
+
+def test_prior_hook_validates_options():
+    with pytest.raises(ValueError):
+        _prior(sir_groups=[2])
+    with pytest.raises(ValueError):
+        _prior(sir_weights="uniform")
