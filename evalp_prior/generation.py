@@ -42,8 +42,12 @@ def load_for_sampling(path: Path, device: torch.device) -> SamplingSetup:
 
 
 def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int], sir_weights: str,
-                sir_groups: Optional[Sequence[int]], sir_chunk: int) -> Optional[PriorHook]:
-    """The hook for `prior`; checks that the request fits the checkpoint."""
+                sir_groups: Optional[Sequence[int]], sir_chunk: int) -> tuple[Optional[PriorHook], Optional[PriorHook]]:
+    """(sampling hook, BN re-adjustment hook) for `prior`; checks that the request fits the checkpoint.
+
+    BN statistics are re-estimated with the EVaLP sampler alone: with SIR they would cost M proposals
+    for every re-adjustment image, for a shift in decoder statistics that resampling barely changes.
+    """
     if prior not in PRIORS:
         raise ValueError(f"--prior must be one of {PRIORS}, got {prior!r}")
     if sir is not None and sir < 1:
@@ -55,22 +59,23 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int], sir_weight
     if prior == "gaussian":
         if sir:
             raise ValueError("--sir resamples with the EVaLP energy; use it with --prior evalp")
-        return None
+        return None, None
     if setup.evalp is None:
         raise ValueError("this is a stage-1 checkpoint: it has no EVaLP prior; use --prior gaussian or a stage-2 checkpoint")
-    return setup.evalp.prior(sir_proposals=sir or 0, sir_weights=sir_weights,
+    hook = setup.evalp.prior(sir_proposals=sir or 0, sir_weights=sir_weights,
                              sir_groups=list(sir_groups) if sir_groups is not None else None, sir_chunk=sir_chunk)
+    return hook, setup.evalp.prior()
 
 
 def generate(vae: NVAE, prior: Optional[PriorHook], num: int, temperature: float, batch_size: int = 64,
-             bn_batches: int = 20, seed: int = 0) -> torch.Tensor:
-    """(num, C, H, W) images in [0, 1]: BN re-adjusted at the temperature with the same prior, then sampled."""
+             bn_batches: int = 20, seed: int = 0, bn_prior: Optional[PriorHook] = None) -> torch.Tensor:
+    """(num, C, H, W) images in [0, 1]: BN re-adjusted at the temperature (with bn_prior, default prior), then sampled."""
     if num < 1:
         raise ValueError(f"--n must be >= 1, got {num}")
     if not temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {temperature}")
     torch.manual_seed(seed)
-    return sample_images(vae, num, temperature, prior, bn_batches=bn_batches, batch_size=batch_size)
+    return sample_images(vae, num, temperature, prior, bn_batches=bn_batches, batch_size=batch_size, bn_prior=bn_prior)
 
 
 def save_outputs(images: torch.Tensor, png: Path, npz: Optional[Path] = None, nrow: Optional[int] = None) -> None:

@@ -139,10 +139,9 @@ def alternating_step(
     grads, backpropagates (scaled or not), steps, and returns whether the step was taken. Sampler
     params get no gradient in the energy step (negatives are drawn under no_grad) and energy params
     none in the sampler step (they are frozen), so each closure only ever sees its own gradients.
-
-    ``frozen_energies`` (default ``energies``) is what the sampler step evaluates: pass the unwrapped
-    EnergySet when ``energies`` is DDP-wrapped, since a DDP forward whose parameters get no gradient
-    would leave DDP waiting for a reduction that never comes.
+    ``frozen_energies`` (default ``energies``) is the module the sampler step freezes and evaluates:
+    pass the unwrapped EnergySet when ``energies`` is DDP-wrapped, so that no DDP forward runs in a
+    step whose energy parameters get no gradient.
 
     Returns detached 0-dim tensors: ``energy_gap/group{l}`` and ``gp/group{l}`` per group, their
     ``/mean``, ``energy_loss``, ``energy_step_taken``, ``sampler_step`` (1 when a sampler step ran) and,

@@ -22,7 +22,7 @@ from nvae.train import binarize_if_needed, sample_images, split_for_rank
 from .config import EVaLPConfig, EVaLPRunConfig
 from .energy import EnergySet
 from .groups import parse_groups
-from .metrics.mmd import mmd2_unbiased
+from .metrics.mmd import median_bandwidth, mmd2_unbiased
 from .objectives import GroupBatch, ObjectiveConfig, alternating_step
 from .prior import EVaLPPrior
 from .sampler import SharedFlowSampler
@@ -133,8 +133,11 @@ class EVaLPTask:
         ratios = []
         for g in self.groups:
             joined = {k: torch.cat([t.cpu() for part in gathered for t in part[k][g]]) for k in ("pos", "neg", "base")}
-            mmd_evalp = float(mmd2_unbiased(joined["pos"], joined["neg"]))
-            mmd_gauss = float(mmd2_unbiased(joined["pos"], joined["base"]))
+            # One kernel for both priors, set by the posterior samples alone, so the two numbers compare.
+            scale = float(median_bandwidth(joined["pos"], joined["pos"]))
+            bandwidths = [0.5 * scale, scale, 2.0 * scale]
+            mmd_evalp = float(mmd2_unbiased(joined["pos"], joined["neg"], bandwidths))
+            mmd_gauss = float(mmd2_unbiased(joined["pos"], joined["base"], bandwidths))
             metrics[f"mmd_evalp/group{g:02d}"] = mmd_evalp
             metrics[f"mmd_gaussian/group{g:02d}"] = mmd_gauss
             metrics[f"energy_gap/group{g:02d}"] = float(torch.cat([t.cpu() for part in gathered for t in part["gaps"][g]]).mean())

@@ -44,11 +44,15 @@ def binarize_if_needed(x: torch.Tensor, binarize: bool) -> torch.Tensor:
 
 
 def sample_images(model: NVAE, num: int, temperature: float, prior: Optional[PriorHook] = None,
-                  bn_batches: int = 0, batch_size: int = 64) -> torch.Tensor:
-    """(num, C, H, W) images in [0, 1]; with bn_batches > 0 on a BN-readjusted copy of the model."""
+                  bn_batches: int = 0, batch_size: int = 64, bn_prior: Optional[PriorHook] = None) -> torch.Tensor:
+    """(num, C, H, W) images in [0, 1]; with bn_batches > 0 on a BN-readjusted copy of the model.
+
+    BN statistics are re-estimated with bn_prior (default: prior); a cheaper stand-in such as the
+    EVaLP sampler without SIR keeps re-adjustment from costing M proposals per image.
+    """
     if bn_batches > 0:
         model = copy.deepcopy(model)
-        readjust_bn(model, bn_batches, batch_size, temperature, prior)
+        readjust_bn(model, bn_batches, batch_size, temperature, bn_prior if bn_prior is not None else prior)
     model.eval()
     chunks = [model.sample(min(batch_size, num - i), temperature, prior) for i in range(0, num, batch_size)]
     return torch.cat(chunks)

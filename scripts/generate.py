@@ -51,9 +51,9 @@ def main_with_context(args: argparse.Namespace, ctx) -> int:
         if setup.evalp is None:
             raise ValueError("--sir-groups needs a stage-2 checkpoint")
         sir_groups = setup.evalp.groups if args.sir_groups == "all" else [int(g) for g in args.sir_groups.split(",")]
-    prior = build_prior(setup, prior_name, args.sir, args.sir_weights, sir_groups, args.sir_chunk)
+    prior, bn_prior = build_prior(setup, prior_name, args.sir, args.sir_weights, sir_groups, args.sir_chunk)
     start = time.perf_counter()
-    images = generate(setup.vae, prior, args.n, args.temperature, args.batch_size, args.bn_batches, args.seed)
+    images = generate(setup.vae, prior, args.n, args.temperature, args.batch_size, args.bn_batches, args.seed, bn_prior)
     seconds = time.perf_counter() - start
     save_outputs(images, args.out, args.npz, args.nrow)
     sir_text = f", SIR M={args.sir} ({args.sir_weights})" if args.sir else ""

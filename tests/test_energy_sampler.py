@@ -70,7 +70,7 @@ def test_flow_logdet_matches_autograd_jacobian():
         _, _, h = _inputs(spec, 1, torch.float64, seed=group)
         eps = torch.randn(1, *spec.shape, dtype=torch.float64)
         _, logdet = sampler.flow(eps, h, group)
-        jac = torch.autograd.functional.jacobian(lambda x: sampler.flow(x, h, group)[0], eps)
+        jac = torch.autograd.functional.jacobian(lambda x: sampler.flow(x, h, group)[0], eps, vectorize=True)
         n = eps.numel()
         _, expected = torch.linalg.slogdet(jac.reshape(n, n))
         assert abs(logdet.item()) > 0.1  # the randomisation made the flow non-trivial
@@ -142,13 +142,14 @@ def test_densities_stay_float32_under_autocast():
 
 
 def test_gradient_penalty_of_a_linear_energy():
-    a = torch.tensor([0.5, -2.0, 1.0, 0.25], requires_grad=True)  # E(z) = <a, z>, grad norm ||a||
     z_pos, z_neg = torch.randn(7, 4, 1, 1), torch.randn(7, 4, 1, 1)
-    gp = gradient_penalty(lambda z, h: z.flatten(1) @ a, z_pos, z_neg, torch.zeros(7, 1, 1, 1))
-    norm = a.detach().norm()
-    torch.testing.assert_close(gp, (norm - 1) ** 2)
-    (grad,) = torch.autograd.grad(gp, a)  # create_graph=True makes the penalty trainable
-    torch.testing.assert_close(grad, 2 * (norm - 1) * a.detach() / norm)
+    for scale in (1.0, 0.2):  # gradient norms above and below 1: the penalty is two-sided
+        a = (scale * torch.tensor([0.5, -2.0, 1.0, 0.25])).requires_grad_(True)  # E(z) = <a, z>
+        gp = gradient_penalty(lambda z, h: z.flatten(1) @ a, z_pos, z_neg, torch.zeros(7, 1, 1, 1))
+        norm = a.detach().norm()
+        torch.testing.assert_close(gp, (norm - 1) ** 2)
+        (grad,) = torch.autograd.grad(gp, a)  # create_graph=True makes the penalty trainable
+        torch.testing.assert_close(grad, 2 * (norm - 1) * a.detach() / norm)
 
 
 def test_loss_formulas():

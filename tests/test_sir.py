@@ -21,7 +21,9 @@ def _resample(log_weight, batch: int = 3000, proposals: int = 200, chunk: int = 
 
 
 def test_exact_weights_resample_the_target():
-    z = _resample(lambda z: sir_log_weight("exact", torch.zeros_like(z), TARGET.log_prob(z), PROPOSAL.log_prob(z)))
+    z = _resample(
+        lambda z: sir_log_weight("exact", torch.zeros_like(z), TARGET.log_prob(z), PROPOSAL.log_prob(z))
+    )
     result = stats.kstest(z.numpy(), stats.norm(1.0, 0.5).cdf)
     assert result.pvalue > 0.01, result
 
