@@ -5,9 +5,10 @@ small fully-convolutional critic conditioned on the decoder context h_l.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
@@ -43,9 +44,30 @@ class GroupEnergy(nn.Module):
 
     def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Energies of z (B, C_z, H, W) given context h (B, C_h, H, W); returns (B,) float32."""
-        features = self.body(torch.cat([z, self.context(h).to(z.dtype)], dim=1))  # (B, hidden, H, W)
-        # Mean pool keeps the energy's scale independent of the group's resolution.
-        return self.head(features.mean(dim=(2, 3))).squeeze(1).float()
+        return self.conditioned(h)(z)
+
+    def conditioned(self, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """z -> E(z, h) for z of shape (k * B, C_z, H, W) whose row j * B + i belongs to item i of h.
+
+        The first conv is linear in cat(z, context(h)), so its context half (and the bias) is computed
+        once per item and broadcast over the k proposals that share h (SIR), never repeated k times.
+        """
+        first = self.body[0]
+        weight = first.weight  # read once: a spectral-norm parametrisation recomputes it on every read
+        c_z = weight.shape[1] - self.context.out_channels
+        ctx = self.context(h)  # (B, hidden, H, W)
+        term = F.conv2d(ctx, weight[:, c_z:], first.bias, first.stride, first.padding)  # (B, hidden, H, W)
+        batch = h.shape[0]
+
+        def energy(z: torch.Tensor) -> torch.Tensor:
+            features = F.conv2d(z, weight[:, :c_z], None, first.stride, first.padding)  # (k * B, hidden, H, W)
+            features = features.unflatten(0, (-1, batch)).add_(term.to(features.dtype)).flatten(0, 1)
+            for layer in tuple(self.body)[1:]:
+                features = layer(features)  # (k * B, hidden, H, W)
+            # Mean pool keeps the energy's scale independent of the group's resolution.
+            return self.head(features.mean(dim=(2, 3))).squeeze(1).float()
+
+        return energy
 
 
 class EnergySet(nn.Module):
@@ -93,6 +115,12 @@ class EnergySet(nn.Module):
         if group not in self._key:
             raise KeyError(f"group {group} has no energy; EVaLP groups are {self.groups}")
         return self.nets[self._key[group]](z, h)
+
+    def conditioned(self, group: int, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """z -> E_group(z, h) for k proposals per item, rows j * B + i sharing h[i] (see GroupEnergy)."""
+        if group not in self._key:
+            raise KeyError(f"group {group} has no energy; EVaLP groups are {self.groups}")
+        return self.nets[self._key[group]].conditioned(h)
 
     def energy(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Alias of calling the module: E_group(z, h) as (B,) float32 energies."""

@@ -1,4 +1,5 @@
-"""Sampling images from a trained NVAE with its Gaussian prior or the EVaLP prior (optionally with SIR)."""
+"""Sampling images from a trained NVAE with its Gaussian prior, the EVaLP prior (optionally with SIR), or a
+baseline prior (Langevin-MCMC energy prior, NCP with SIR) fitted to the same frozen NVAE."""
 from __future__ import annotations
 
 import math
@@ -10,43 +11,74 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from nvae.config import NVAERunConfig
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
 from nvae.runtime import CheckpointError, load_checkpoint
 from nvae.train import load_trained_nvae, sample_images
 
+from .baselines.langevin import TrainedLangevin, load_langevin
+from .baselines.ncp import TrainedNCP, load_ncp
 from .sir import SIR_WEIGHTS
 from .train import TrainedEVaLP, load_evalp
 
-PRIORS = ("gaussian", "evalp")
+PRIORS = ("gaussian", "evalp", "langevin", "ncp")
+CHECKPOINT_KINDS = ("nvae", "evalp", "langevin", "ncp")  # the prior each kind carries is its default
 
 
 @dataclass
 class SamplingSetup:
-    """A loaded checkpoint: the NVAE, and the fitted EVaLP prior when the checkpoint is stage 2."""
+    """A loaded checkpoint: the NVAE, and the fitted prior of a stage-2 (EVaLP) or baseline checkpoint."""
 
     vae: NVAE
     evalp: Optional[TrainedEVaLP]
+    langevin: Optional[TrainedLangevin] = None
+    ncp: Optional[TrainedNCP] = None
+    vae_cfg: Optional[NVAERunConfig] = None  # the frozen NVAE's run config (data set, architecture)
+    kind: str = ""  # the checkpoint's kind, one of CHECKPOINT_KINDS
 
 
 def load_for_sampling(path: Path, device: torch.device) -> SamplingSetup:
-    """Accept a stage-1 ('nvae') or stage-2 ('evalp') checkpoint."""
+    """Accept a stage-1 ('nvae'), stage-2 ('evalp') or baseline ('langevin', 'ncp') checkpoint."""
     kind = load_checkpoint(path, map_location="cpu")["kind"]
     if kind == "evalp":
         trained = load_evalp(path, device)
-        return SamplingSetup(trained.vae, trained)
+        return SamplingSetup(trained.vae, trained, vae_cfg=trained.vae_cfg, kind=kind)
     if kind == "nvae":
-        vae, _, _ = load_trained_nvae(path, device)
-        return SamplingSetup(vae, None)
-    raise CheckpointError(f"{path} is a {kind!r} checkpoint; expected a stage-1 or stage-2 one")
+        vae, vae_cfg, _ = load_trained_nvae(path, device)
+        return SamplingSetup(vae, None, vae_cfg=vae_cfg, kind=kind)
+    if kind == "langevin":
+        langevin = load_langevin(path, device)
+        return SamplingSetup(langevin.base.vae, None, langevin=langevin, vae_cfg=langevin.base.vae_cfg, kind=kind)
+    if kind == "ncp":
+        ncp = load_ncp(path, device)
+        return SamplingSetup(ncp.base.vae, None, ncp=ncp, vae_cfg=ncp.base.vae_cfg, kind=kind)
+    raise CheckpointError(f"{path} is a {kind!r} checkpoint; expected one of {', '.join(CHECKPOINT_KINDS)}")
+
+
+def default_prior(setup: SamplingSetup) -> str:
+    """The prior a checkpoint was trained for: gaussian for stage 1, else its own kind."""
+    if setup.kind:
+        return "gaussian" if setup.kind == "nvae" else setup.kind
+    return "evalp" if setup.evalp is not None else "gaussian"  # a setup built by hand, without a kind
+
+
+def available_priors(setup: SamplingSetup) -> list[str]:
+    """The priors a checkpoint can sample with: NVAE's own, and the one it carries."""
+    carried = {"evalp": setup.evalp, "langevin": setup.langevin, "ncp": setup.ncp}
+    return ["gaussian"] + [name for name, trained in carried.items() if trained is not None]
 
 
 def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int], sir_weights: str,
-                sir_groups: Optional[Sequence[int]], sir_chunk: int) -> tuple[Optional[PriorHook], Optional[PriorHook]]:
+                sir_groups: Optional[Sequence[int]], sir_chunk: int, *, langevin_steps: Optional[int] = None,
+                langevin_step_size: Optional[float] = None) -> tuple[Optional[PriorHook], Optional[PriorHook]]:
     """(sampling hook, BN re-adjustment hook) for `prior`; checks that the request fits the checkpoint.
 
     BN statistics are re-estimated with the EVaLP sampler alone: with SIR they would cost M proposals
     for every re-adjustment image, for a shift in decoder statistics that resampling barely changes.
+    NCP re-adjusts with its proposal (NVAE's prior) for the same reason; Langevin with its own chain.
+    For NCP, --sir is M (default: the checkpoint's), SIR runs at every NCP group unless sir_groups says
+    otherwise, and both weightings are the same (proposals from p0 make the exact weight r = exp(-E)).
     """
     if prior not in PRIORS:
         raise ValueError(f"--prior must be one of {PRIORS}, got {prior!r}")
@@ -56,14 +88,28 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int], sir_weight
         raise ValueError(f"--sir-weights must be one of {SIR_WEIGHTS}, got {sir_weights!r}")
     if sir_chunk < 1:
         raise ValueError(f"--sir-chunk must be >= 1, got {sir_chunk}")
+    if prior != "langevin" and (langevin_steps is not None or langevin_step_size is not None):
+        raise ValueError("--langevin-steps / --langevin-step-size apply to --prior langevin only")
     if prior == "gaussian":
         if sir:
-            raise ValueError("--sir resamples with the EVaLP energy; use it with --prior evalp")
+            raise ValueError("--sir resamples with a learned energy or classifier; use it with --prior evalp or ncp")
         return None, None
-    if setup.evalp is None:
-        raise ValueError("this is a stage-1 checkpoint: it has no EVaLP prior; use --prior gaussian or a stage-2 checkpoint")
-    hook = setup.evalp.prior(sir_proposals=sir or 0, sir_weights=sir_weights,
-                             sir_groups=list(sir_groups) if sir_groups is not None else None, sir_chunk=sir_chunk)
+    if prior not in available_priors(setup):
+        stage = "stage-1" if setup.kind in ("nvae", "") else f"{setup.kind!r}"
+        raise ValueError(f"this is a {stage} checkpoint: it has no {prior} prior; use --prior "
+                         + " or ".join(available_priors(setup)))
+    if prior == "langevin":
+        assert setup.langevin is not None
+        if sir:
+            raise ValueError("--sir does not apply to --prior langevin (it samples by MCMC)")
+        hook = setup.langevin.prior(langevin_steps, langevin_step_size)
+        return hook, hook
+    groups = list(sir_groups) if sir_groups is not None else None
+    if prior == "ncp":
+        assert setup.ncp is not None
+        return setup.ncp.prior(sir, groups, sir_chunk), setup.ncp.prior(1)
+    assert setup.evalp is not None
+    hook = setup.evalp.prior(sir_proposals=sir or 0, sir_weights=sir_weights, sir_groups=groups, sir_chunk=sir_chunk)
     return hook, setup.evalp.prior()
 
 

@@ -1,12 +1,12 @@
 """EVaLP as a prior hook for NVAE's top-down sampling (SPEC section 2, generation)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from evalp_prior.sampler import gaussian_log_prob
+from evalp_prior.sampler import SharedFlowSampler, standard_normal_log_prob
 from evalp_prior.sir import SIR_WEIGHTS, sir_log_weight, sir_select
 
 
@@ -21,7 +21,7 @@ class EVaLPPrior:
     def __init__(
         self,
         energies: nn.Module,
-        sampler: nn.Module,
+        sampler: SharedFlowSampler,
         groups: Sequence[int],
         sir_proposals: int = 0,
         sir_weights: str = "exact",
@@ -60,33 +60,42 @@ class EVaLPPrior:
     def _sir(
         self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        """SIR over ``sir_proposals`` sampler draws per item, evaluated ``sir_chunk`` per item at a time."""
-        batch = mu_p.shape[0]
-        repeated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """SIR over ``sir_proposals`` sampler draws per item, evaluated ``sir_chunk`` per item at a time.
 
-        def expand(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """(h, mu_p, sigma_p) repeated k times along the batch: row j * batch + i is item i."""
-            if k not in repeated:
-                repeated.clear()  # at most the full chunk and one remainder are ever needed
-                repeated[k] = tuple(t.repeat(k, *([1] * (t.dim() - 1))) for t in (h, mu_p, sigma_p))
-            return repeated[k]
+        Everything that depends on h alone (the flow's and the energy's context layers) is computed once
+        per item and broadcast over the item's proposals; a chunk holds k proposals per item in rows
+        j * batch + i, and only (k, batch)-sized draws, flows and energies are ever materialised.
+        """
+        batch, shape = mu_p.shape[0], mu_p.shape[1:]
+        terms = self.sampler.condition(h, group)
+        energy_of = self._conditioned_energy(group, h)
+        scale = temperature * sigma_p  # the sampler's tempered base N(mu_p, scale^2)
 
-        def propose(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """k sampler draws per item and their log q: (k, batch, C, H, W), (k, batch)."""
-            h_k, mu_k, sigma_k = expand(k)
-            z, log_q = self.sampler(mu_k, sigma_k, h_k, group, temperature)
-            return z.view(k, batch, *z.shape[1:]), log_q.view(k, batch)
+        def propose(k: int) -> tuple[torch.Tensor, ...]:
+            """k sampler draws per item (k, batch, C, H, W), with log p0 and log q (k, batch) for exact weights."""
+            eps = torch.randn((k * batch, *shape), dtype=mu_p.dtype, device=mu_p.device).contiguous(memory_format=torch.channels_last)
+            u, logdet = self.sampler.flow_conditioned(eps, terms)  # (k * batch, C, H, W), (k * batch,)
+            z = mu_p + scale * u.view(k, batch, *shape)
+            if self.sir_weights != "exact":
+                return (z,)
+            # log p0(z) = log N(u) - sum log scale and log q(z) = log N(eps) - logdet - sum log scale; the
+            # per-item sum log scale cancels in the weight, so both are formed without it.
+            log_p0 = standard_normal_log_prob(u).view(k, batch)
+            log_q = (standard_normal_log_prob(eps) - logdet).view(k, batch)
+            return z, log_p0, log_q
 
-        def log_weight(z: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        def log_weight(z: torch.Tensor, *densities: torch.Tensor) -> torch.Tensor:
             """(k, batch) SIR log-weights of the proposals."""
-            k = z.shape[0]
-            h_k, mu_k, sigma_k = expand(k)
-            z_flat = z.flatten(0, 1)
-            energy = self.energies(group, z_flat, h_k).view(k, batch)
-            log_p0 = None
-            if self.sir_weights == "exact":
-                log_p0 = gaussian_log_prob(z_flat, mu_k, temperature * sigma_k).view(k, batch)
-            return sir_log_weight(self.sir_weights, energy, log_p0, log_q)
+            energy = energy_of(z.flatten(0, 1)).view(z.shape[0], batch)
+            return sir_log_weight(self.sir_weights, energy, *densities)
 
-        (z, _), _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, batch)
+        (z, *_), _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, batch)
         return z
+
+    def _conditioned_energy(self, group: int, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """z (k * batch, ...) -> (k * batch,) energies, rows j * batch + i sharing h[i]: the energy's own
+        broadcasting path when it has one (EnergySet), else h repeated k times."""
+        conditioned = getattr(self.energies, "conditioned", None)
+        if conditioned is not None:
+            return conditioned(group, h)
+        return lambda z: self.energies(group, z, h.repeat(z.shape[0] // h.shape[0], *([1] * (h.dim() - 1))))

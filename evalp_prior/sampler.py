@@ -10,6 +10,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nvae.hooks import GroupSpec
@@ -39,6 +40,8 @@ class AffineCoupling(nn.Module):
 
     log_s = bound * tanh(raw / bound) keeps scales in [exp(-bound), exp(bound)]; the last conditioner
     layer is zero-initialised so the coupling is exactly the identity (log-det exactly 0) at init.
+    The conditioner's first layer is linear in cat(x_a, cond): its cond half (``term``, from
+    SharedFlowSampler.condition) is computed once per item and broadcast over the rows of x_a.
     """
 
     def __init__(self, channels: int, cond_channels: int, hidden: int, flip: bool, bound: float) -> None:
@@ -47,6 +50,7 @@ class AffineCoupling(nn.Module):
         self.bound = bound
         self.split = channels // 2
         n_cond, n_out = (channels - self.split, self.split) if flip else (self.split, channels - self.split)
+        self.n_cond = n_cond
         last = nn.Conv2d(hidden, 2 * n_out, 3, padding=1)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
@@ -67,22 +71,29 @@ class AffineCoupling(nn.Module):
         """Inverse of ``_halves``."""
         return torch.cat([x_out, x_cond] if self.flip else [x_cond, x_out], dim=1)
 
-    def _params(self, x_cond: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log_s, t) in the dtype of x_cond (at least float32), whatever autocast ran the net in."""
-        raw = self.net(torch.cat([x_cond, cond.to(x_cond.dtype)], dim=1)).to(x_cond.dtype)
-        raw_log_s, t = raw.chunk(2, dim=1)
+    def _params(self, x_cond: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_s, t) in the dtype of x_cond (at least float32), whatever autocast ran the net in.
+
+        x_cond holds k rows per item (row j * B + i is item i); term (B, hidden, H, W) is shared by them.
+        """
+        first = self.net[0]
+        a = F.conv2d(x_cond, first.weight[:, : self.n_cond], None, first.stride, first.padding)  # (k * B, hidden, H, W)
+        a = a.unflatten(0, (-1, term.shape[0])).add_(term.to(a.dtype)).flatten(0, 1)
+        for layer in tuple(self.net)[1:]:
+            a = layer(a)
+        raw_log_s, t = a.to(x_cond.dtype).chunk(2, dim=1)
         return self.bound * torch.tanh(raw_log_s / self.bound), t
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """y = coupling(x) and log|det dy/dx| (B,)."""
+    def forward(self, x: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y = coupling(x) and log|det dy/dx| (rows of x,)."""
         x_cond, x_out = self._halves(x)
-        log_s, t = self._params(x_cond, cond)
+        log_s, t = self._params(x_cond, term)
         return self._join(x_cond, x_out * log_s.exp() + t), log_s.flatten(1).sum(1)
 
-    def inverse(self, y: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x = coupling^{-1}(y) and log|det dx/dy| (B,)."""
+    def inverse(self, y: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x = coupling^{-1}(y) and log|det dx/dy| (rows of y,)."""
         y_cond, y_out = self._halves(y)
-        log_s, t = self._params(y_cond, cond)
+        log_s, t = self._params(y_cond, term)
         return self._join(y_cond, (y_out - t) * (-log_s).exp()), -log_s.flatten(1).sum(1)
 
 
@@ -139,32 +150,48 @@ class SharedFlowSampler(nn.Module):
             for k in range(num_couplings)
         )
 
-    def _condition(self, h: torch.Tensor, group: int) -> torch.Tensor:
-        """Conditioning features (B, hidden + embed_dim, H, W) from h and the group embedding."""
+    def condition(self, h: torch.Tensor, group: int) -> list[torch.Tensor]:
+        """Per coupling, its conditioner's first layer applied to (1x1 projection of h, group embedding),
+        bias included: (B, hidden, H, W) each, shared by every flow evaluation of the same items.
+
+        One conv for all couplings (their weights stacked); the spatially constant embedding goes
+        through it once, not once per item.
+        """
         if group not in self._row:
             raise KeyError(f"group {group} is not sampled by this flow; its groups are {self.groups}")
         ctx = self.context[str(self._scale[group])](h)  # (B, hidden, H, W)
+        firsts = [(c.n_cond, c.net[0]) for c in self.couplings]
+        n_ctx, pad = ctx.shape[1], firsts[0][1].padding
+        weights = [(n, conv.weight) for n, conv in firsts]
+        w_ctx = torch.cat([w[:, n : n + n_ctx] for n, w in weights])  # (K * hidden, hidden, 3, 3)
+        w_emb = torch.cat([w[:, n + n_ctx :] for n, w in weights])  # (K * hidden, embed_dim, 3, 3)
+        bias = torch.cat([conv.bias for _, conv in firsts])
         emb = self.embedding.weight[self._row[group]].to(ctx.dtype)  # (embed_dim,)
-        emb = emb.view(1, -1, 1, 1).expand(ctx.shape[0], -1, ctx.shape[2], ctx.shape[3])
-        return torch.cat([ctx, emb], dim=1)
+        emb = emb.view(1, -1, 1, 1).expand(1, -1, ctx.shape[2], ctx.shape[3])
+        terms = F.conv2d(ctx, w_ctx, None, 1, pad) + F.conv2d(emb, w_emb, bias, 1, pad)  # (B, K * hidden, H, W)
+        return list(terms.split([conv.out_channels for _, conv in firsts], dim=1))
 
-    def flow(self, eps: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """u = f(eps; h, group) and log|det du/deps| (B,), both in at least float32."""
-        cond = self._condition(h, group)
+    def flow_conditioned(self, eps: torch.Tensor, terms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """u = f(eps) and log|det du/deps| (rows,) for eps (k * B, C, H, W) whose row j * B + i is a
+        draw for item i, given ``condition``'s terms for the B items; both in at least float32."""
         x = _at_least_f32(eps)
         logdet = x.new_zeros(x.shape[0])
-        for coupling in self.couplings:
-            x, ld = coupling(x, cond)
+        for coupling, term in zip(self.couplings, terms):
+            x, ld = coupling(x, term)
             logdet = logdet + ld
         return x, logdet
 
+    def flow(self, eps: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """u = f(eps; h, group) and log|det du/deps| (B,), both in at least float32."""
+        return self.flow_conditioned(eps, self.condition(h, group))
+
     def inverse(self, u: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eps = f^{-1}(u; h, group) and log|det deps/du| (B,), both in at least float32."""
-        cond = self._condition(h, group)
+        terms = self.condition(h, group)
         x = _at_least_f32(u)
         logdet = x.new_zeros(x.shape[0])
-        for coupling in reversed(self.couplings):
-            x, ld = coupling.inverse(x, cond)
+        for coupling, term in zip(reversed(self.couplings), reversed(terms)):
+            x, ld = coupling.inverse(x, term)
             logdet = logdet + ld
         return x, logdet
 

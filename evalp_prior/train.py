@@ -16,7 +16,7 @@ from nvae.data import dataset_info, get_dataset
 from nvae.model import NVAE
 from nvae.runtime import (CheckpointError, DistContext, Precision, RunLogger, StopSignal, all_gather_object,
                           load_checkpoint)
-from nvae.runtime.loop import LoopSettings, isolated_rng, run_training, steps_per_epoch
+from nvae.runtime.loop import isolated_rng, loop_settings, planned_steps, run_training, steps_per_epoch
 from nvae.train import binarize_if_needed, sample_images, split_for_rank
 
 from .config import EVaLPConfig, EVaLPRunConfig
@@ -177,16 +177,12 @@ def train_evalp(run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx:
     train_set = get_dataset(tc.dataset, "train", tc.data_root)
     test_set = get_dataset(tc.dataset, "test", tc.data_root)
     per_epoch = steps_per_epoch(len(train_set), ctx.world_size, cfg.batch_size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
+    total_steps = planned_steps(cfg, per_epoch)
     task = EVaLPTask(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger)
     sizes = [sum(p.numel() for p in m.parameters()) for m in (task.energies, task.sampler)]
     logger.info(f"EVaLP on groups {task.groups}: energies {sizes[0] / 1e3:.1f}k, sampler {sizes[1] / 1e3:.1f}k "
                 f"parameters; {total_steps} steps on {ctx.world_size} process(es), {cfg.precision}")
-    settings = LoopSettings(total_steps=total_steps, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                            seed=cfg.seed, log_every=cfg.log_every, eval_every=cfg.eval_every,
-                            ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.keep_checkpoints,
-                            max_bad_steps=cfg.max_bad_steps)
-    status = run_training(task, train_set, ctx, settings, run_dir, logger, resume, stop)
+    status = run_training(task, train_set, ctx, loop_settings(cfg, total_steps), run_dir, logger, resume, stop)
     if status == 0 and ctx.is_main:
         with isolated_rng(ctx):
             images = sample_images(vae, 64, cfg.sample_temperature, task.prior(), bn_batches=cfg.bn_readjust_batches)

@@ -27,9 +27,13 @@ def run_entry(main: Callable[[DistContext], int], device: str = "auto") -> None:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         shutdown_and_exit(2)
+    except BaseException:  # noqa: BLE001 - e.g. a rendezvous failure: the traceback helps, the exit stays clean
+        traceback.print_exc()
+        shutdown_and_exit(1)
     try:
         status = main(ctx)
-    except (UsageError, DatasetError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, DatasetError, CheckpointError, ValueError, FileNotFoundError, FileExistsError,
+            IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # the OSErrors: a path the user gave
         print(f"error: {exc}", file=sys.stderr)
         status = 2
     except BaseException:  # noqa: BLE001 - every exit must go through the clean shutdown below

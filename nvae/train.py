@@ -19,7 +19,7 @@ from .model import NVAE
 from .optim import build_optimizer, warmup_cosine
 from .runtime import (CheckpointError, DistContext, Precision, RunLogger, StopSignal, all_reduce_sum,
                       load_checkpoint)
-from .runtime.loop import LoopSettings, isolated_rng, run_training, steps_per_epoch
+from .runtime.loop import isolated_rng, loop_settings, planned_steps, run_training, steps_per_epoch
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # a latent dimension is active if Var_x E[z|x] exceeds this (Burda et al.)
 
@@ -168,13 +168,6 @@ class NVAETask:
         self.spectral.load_state_dict(state["spectral"])
 
 
-def loop_settings(tc, total_steps: int) -> LoopSettings:
-    """Loop cadence from a training config."""
-    return LoopSettings(total_steps=total_steps, batch_size=tc.batch_size, num_workers=tc.num_workers, seed=tc.seed,
-                        log_every=tc.log_every, eval_every=tc.eval_every, ckpt_every=tc.ckpt_every,
-                        keep_checkpoints=tc.keep_checkpoints, max_bad_steps=tc.max_bad_steps)
-
-
 def train_nvae(run_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path, logger: RunLogger,
                resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
     """Run stage 1 to completion (or pre-emption); writes checkpoints and a final sample grid."""
@@ -183,7 +176,7 @@ def train_nvae(run_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path, logger: 
     train_set = get_dataset(tc.dataset, "train", tc.data_root)
     test_set = get_dataset(tc.dataset, "test", tc.data_root)
     per_epoch = steps_per_epoch(len(train_set), ctx.world_size, tc.batch_size)
-    total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * per_epoch
+    total_steps = planned_steps(tc, per_epoch)
     precision = Precision.create(tc.precision, ctx.device)
     task = NVAETask(run_cfg, ctx, precision, total_steps, per_epoch, test_set, info.binarize, logger)
     params = sum(p.numel() for p in task.model.parameters())

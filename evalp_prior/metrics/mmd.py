@@ -66,3 +66,21 @@ def mmd2_unbiased(
     k_yy = _kernel_sum(y, y, bandwidths, block_size, skip_diagonal=True) / (m * (m - 1))
     k_xy = _kernel_sum(x, y, bandwidths, block_size, skip_diagonal=False) / (n * m)
     return k_xx + k_yy - 2 * k_xy
+
+
+def posterior_bandwidth(z_post: torch.Tensor, max_points: int = 2000) -> torch.Tensor:
+    """Median-heuristic bandwidth from aggregate-posterior samples (n, ...) alone, 0-dim float64.
+
+    Fixing the kernel by the posterior side only gives every prior compared against it the same kernel,
+    so their prior-hole MMDs are comparable numbers.
+    """
+    flat = z_post.flatten(1)
+    half = flat.shape[0] // 2
+    return median_bandwidth(flat[:half], flat[half:], max_points)  # pooled halves = the sample itself
+
+
+def prior_hole_mmd(z_post: torch.Tensor, z_prior: torch.Tensor, bandwidth: float) -> dict[str, float]:
+    """Unbiased MMD^2 between posterior and prior samples at one fixed bandwidth s (``mmd2``) and summed
+    over s * MEDIAN_MULTIPLIERS (``mmd2_multi``)."""
+    return {"mmd2": float(mmd2_unbiased(z_post, z_prior, [bandwidth])),
+            "mmd2_multi": float(mmd2_unbiased(z_post, z_prior, [bandwidth * c for c in MEDIAN_MULTIPLIERS]))}

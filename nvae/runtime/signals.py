@@ -20,6 +20,17 @@ PREEMPTED_EXIT_CODE = 75
 _DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: loader workers ignore SIGTERM/SIGUSR1 and leave the stop to the trainer.
+
+    torchrun delivers SIGTERM to each worker's whole process group, loader processes included, and
+    torch's loader workers die on it; the trainer then fails with "DataLoader worker ... is killed by
+    signal" before it can checkpoint. The trainer shuts its loader workers down itself when it stops.
+    """
+    for signum in _DEFAULT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class StopSignal:
     """Sets a flag on SIGTERM/SIGUSR1 instead of dying, so the loop can checkpoint and exit cleanly."""
 

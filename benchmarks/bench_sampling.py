@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Generation cost per image: NVAE's Gaussian prior vs EVaLP (sampler only) vs EVaLP + SIR(M).
+
+Prints one table. Ratios are against the Gaussian prior of the same preset at the same batch size,
+measured in the same process; configurations are timed in interleaved rounds (one call of each per
+round) so that load from other users of a shared machine hits all of them alike. Each call is one
+``NVAE.sample(batch, t=1, prior=hook)`` in eval mode: no BN re-adjustment is timed (it is a one-off
+per run, done with the sampler alone). Weights are untrained (timing does not depend on them); the
+sampler's zero-initialised coupling outputs are perturbed so the flow is not the identity.
+"peak MB" is the memory a call needs above what the process held before it: peak RSS on the CPU
+(VmHWM after resetting it through /proc/self/clear_refs), max_memory_allocated on a GPU.
+
+Usage: python benchmarks/bench_sampling.py [--presets tiny mnist] [--batch 64 16] [--repeats 5]
+       [--sir 100 1000] [--sir-chunk 100] [--device auto] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from evalp_prior.config import EVaLPConfig  # noqa: E402
+from evalp_prior.prior import EVaLPPrior  # noqa: E402
+from evalp_prior.train import build_prior_modules  # noqa: E402
+from nvae.config import preset  # noqa: E402
+from nvae.hooks import PriorHook  # noqa: E402
+from nvae.model import NVAE  # noqa: E402
+
+TARGETS = {"evalp": 1.10, "sir1000": 3.0}  # from the issue: ratio to the Gaussian prior
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Memory fn() needs above what is held when it starts: peak RSS (CPU) or peak allocation (GPU)."""
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        return float("nan")
+    before = _proc_status_mb("VmRSS")
+    fn()
+    return _proc_status_mb("VmHWM") - before
+
+
+def build(name: str, device: torch.device) -> tuple[NVAE, list[int], torch.nn.Module, torch.nn.Module]:
+    """Untrained NVAE of the preset (eval mode) with EVaLP modules on every group (the default config)."""
+    torch.manual_seed(0)
+    vae = NVAE(preset(name).model).to(device).eval()
+    groups, energies, sampler = build_prior_modules(EVaLPConfig(), vae)
+    with torch.no_grad():
+        for coupling in sampler.couplings:  # as after training: a non-identity flow
+            coupling.net[-1].weight.normal_(0, 0.05)
+    return vae, groups, energies.to(device).eval(), sampler.to(device).eval()
+
+
+def configurations(groups: list[int], energies: torch.nn.Module, sampler: torch.nn.Module, sir: list[int],
+                   sir_chunk: int) -> dict[str, Optional[PriorHook]]:
+    """Label -> prior hook (None = NVAE's Gaussian prior)."""
+    configs: dict[str, Optional[PriorHook]] = {"gaussian": None, "evalp": EVaLPPrior(energies, sampler, groups)}
+    for m in sir:
+        configs[f"sir{m}"] = EVaLPPrior(energies, sampler, groups, sir_proposals=m, sir_chunk=sir_chunk)
+    return configs
+
+
+def measure(name: str, batch: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, object]]:
+    """Seconds per image (median over rounds) and peak extra memory of every configuration."""
+    vae, groups, energies, sampler = build(name, device)
+    configs = configurations(groups, energies, sampler, args.sir, args.sir_chunk)
+
+    def call(hook: Optional[PriorHook]) -> None:
+        vae.sample(batch, 1.0, prior=hook)
+        _sync(device)
+
+    times: dict[str, list[float]] = {label: [] for label in configs}
+    for round_index in range(args.warmup + args.repeats):
+        for label, hook in configs.items():
+            t0 = time.perf_counter()
+            call(hook)
+            if round_index >= args.warmup:
+                times[label].append(time.perf_counter() - t0)
+    rows = []
+    for label, hook in configs.items():
+        rows.append({"preset": name, "batch": batch, "prior": label, "groups": len(groups),
+                     "s_per_image": statistics.median(times[label]) / batch,
+                     "peak_mb": peak_extra_mb(lambda: call(hook), device) if args.memory else float("nan")})
+    if args.profile:
+        profile(vae, configs, batch, name)
+    return rows
+
+
+def profile(vae: NVAE, configs: dict[str, Optional[PriorHook]], batch: int, name: str) -> None:
+    """torch.profiler table of one call with the largest SIR setting (operators by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    label = list(configs)[-1]
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        vae.sample(batch, 1.0, prior=configs[label])
+    print(f"--- profile: {name}, {label}, batch {batch} ---")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=None,
+                        help="default: tiny mnist on the CPU, tiny mnist cifar10 celeba64 on a GPU")
+    parser.add_argument("--batch", nargs="+", type=int, default=[64, 16], help="batch per preset (same order)")
+    parser.add_argument("--sir", nargs="+", type=int, default=[100, 1000], help="SIR proposal counts M")
+    parser.add_argument("--sir-chunk", type=int, default=EVaLPPrior.__init__.__defaults__[-1],
+                        help="proposals per item evaluated at once (default: EVaLPPrior's)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per preset")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    presets = args.presets or (["tiny", "mnist", "cifar10", "celeba64"] if device.type == "cuda" else ["tiny", "mnist"])
+    batches = args.batch + [args.batch[-1]] * max(0, len(presets) - len(args.batch))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; fp32, t=1, no BN re-adjustment timed; "
+          f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; sir chunk {args.sir_chunk}")
+    print(f"{'preset':<10}{'batch':>6}{'groups':>7}{'prior':>10}{'s/image':>11}{'vs gauss':>10}{'target':>8}{'peak MB':>10}")
+    for preset_name, batch in zip(presets, batches):
+        rows = measure(preset_name, batch, args, device)
+        base = rows[0]["s_per_image"]
+        for r in rows:
+            target = TARGETS.get(str(r["prior"]))
+            print(f"{r['preset']:<10}{r['batch']:>6}{r['groups']:>7}{r['prior']:>10}{r['s_per_image']:>11.5f}"
+                  f"{r['s_per_image'] / base:>9.2f}x{(f'{target:.2f}x' if target else ''):>8}{r['peak_mb']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

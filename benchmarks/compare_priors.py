@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Compare priors on ONE frozen NVAE: Gaussian, EVaLP (with and without SIR), Langevin-MCMC EBM, NCP + SIR.
+
+Trains a `tiny` (default) or `mnist` NVAE on bundled MNIST (or reuses --vae), fits EVaLP (with the
+defaults of evalp_prior/config.py), the Langevin energy prior and the NCP classifiers on it for the same
+number of steps, then prints one table: FID (N samples vs reference training images), top-group
+prior-hole MMD^2 (one posterior-set kernel for all rows), seconds per image and its ratio to the Gaussian
+prior. Every stage's checkpoint is reused when present in --out, so an interrupted run continues.
+
+CPU default (about 20-30 min on two shared cores):
+    python benchmarks/compare_priors.py --out runs/compare_priors
+GPU scale-up example:
+    python benchmarks/compare_priors.py --preset mnist --vae-steps 60000 --prior-steps 20000 --fid-samples 10000 \\
+        --fid-ref-images 60000 --mmd-samples 5000 --sir 100 1000 --out runs/compare_priors_mnist
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from evalp_prior.baselines import langevin_run_config, ncp_run_config, train_langevin, train_ncp  # noqa: E402
+from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
+from evalp_prior.evaluation import EvalRequest, EvalResources, evaluate_prior  # noqa: E402
+from evalp_prior.generation import build_prior, load_for_sampling  # noqa: E402
+from evalp_prior.train import load_vae_for_stage2, save_text_atomic, train_evalp  # noqa: E402
+from nvae.config import preset  # noqa: E402
+from nvae.runtime import RunLogger, init_distributed, load_checkpoint, seed_everything  # noqa: E402
+from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
+from nvae.train import train_nvae  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/compare_priors"), help="run directory")
+    parser.add_argument("--preset", choices=("tiny", "mnist"), default="tiny")
+    parser.add_argument("--vae", type=Path, default=None, help="reuse this stage-1 checkpoint instead of training one")
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-batch", type=int, default=64)
+    parser.add_argument("--prior-steps", type=int, default=250, help="training steps of every prior")
+    parser.add_argument("--prior-batch", type=int, default=64)
+    parser.add_argument("--langevin-steps", type=int, default=20, help="K at training and generation")
+    parser.add_argument("--langevin-step-size", type=float, default=0.05, help="s (noise sqrt(2 s))")
+    parser.add_argument("--sir", type=int, nargs="+", default=[100], help="EVaLP SIR proposal counts (rows)")
+    parser.add_argument("--ncp-sir", type=int, default=100, help="NCP SIR proposals (every group)")
+    parser.add_argument("--fid-samples", type=int, default=200)
+    parser.add_argument("--fid-ref-images", type=int, default=1000)
+    parser.add_argument("--mmd-samples", type=int, default=1000)
+    parser.add_argument("--timing-batch", type=int, default=64)
+    parser.add_argument("--bn-batches", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 behaves best on a shared machine)")
+    return parser.parse_args()
+
+
+def _stage(path: Path, name: str, total_steps: int, train) -> Path:
+    """Train into path (resuming a partial run); a finished checkpoint is reused as it is."""
+    ckpt = path / LATEST_NAME
+    resume = None
+    if ckpt.is_file():
+        if int(load_checkpoint(ckpt, map_location="cpu")["step"]) >= total_steps:
+            print(f"[{name}] reusing {ckpt}", flush=True)
+            return ckpt
+        resume = ckpt
+    start = time.perf_counter()
+    with RunLogger(path, True) as logger:
+        status = train(logger, resume)
+    if status != 0:
+        raise SystemExit(f"[{name}] training stopped with status {status}")
+    print(f"[{name}] trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return ckpt
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    ctx = init_distributed(args.device)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    if args.vae is None:
+        cfg = preset(args.preset)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, dataset="mnist", max_steps=args.vae_steps, batch_size=args.vae_batch, seed=args.seed,
+            eval_batches=5, bn_readjust_batches=5, ckpt_every=max(args.vae_steps // 4, 1)))
+        seed_everything(args.seed, ctx)
+        t0 = time.perf_counter()
+        vae_path = _stage(out / "vae", "nvae", args.vae_steps,
+                          lambda logger, resume: train_nvae(cfg, ctx, out / "vae", logger, resume))
+        timings["nvae_train_s"] = time.perf_counter() - t0
+    else:
+        vae_path = args.vae
+    vae, vae_cfg, fingerprint = load_vae_for_stage2(vae_path, ctx.device)
+    common = dict(batch_size=args.prior_batch, max_steps=args.prior_steps, seed=args.seed, eval_batches=4,
+                  bn_readjust_batches=args.bn_batches, ckpt_every=max(args.prior_steps // 2, 1))
+
+    evalp_cfg = EVaLPRunConfig(dataclasses.replace(EVaLPConfig(), **common), str(vae_path), fingerprint)
+    langevin_cfg = langevin_run_config(str(vae_path), fingerprint, langevin_steps=args.langevin_steps,
+                                       langevin_step_size=args.langevin_step_size, **common)
+    ncp_cfg = ncp_run_config(str(vae_path), fingerprint, sir_proposals=args.ncp_sir, **common)
+    checkpoints = {}
+    for name, run_cfg, train in (("evalp", evalp_cfg, train_evalp), ("langevin", langevin_cfg, train_langevin),
+                                 ("ncp", ncp_cfg, train_ncp)):
+        seed_everything(args.seed, ctx)
+        t0 = time.perf_counter()
+        checkpoints[name] = _stage(out / name, name, args.prior_steps, lambda logger, resume, c=run_cfg, f=train, n=name:
+                                   f(c, vae, vae_cfg, ctx, out / n, logger, resume))
+        timings[f"{name}_train_s"] = time.perf_counter() - t0
+
+    req = EvalRequest(fid_samples=args.fid_samples, fid_ref_images=args.fid_ref_images,
+                      fid_stats_dir=out / "fid_stats", mmd=True, mmd_samples=args.mmd_samples, timing=True,
+                      timing_batch=args.timing_batch, timing_repeats=3, bn_batches=args.bn_batches, seed=args.seed)
+    res = EvalResources(vae, vae_cfg, ctx.device, req)
+    setups = {name: load_for_sampling(path, ctx.device) for name, path in checkpoints.items()}
+    rows: list[tuple[str, object, object]] = [("gaussian", None, None)]
+    evalp_hook, evalp_bn = build_prior(setups["evalp"], "evalp", None, "exact", None, 100)
+    rows.append(("evalp", evalp_hook, evalp_bn))
+    for m in args.sir:
+        hook, bn = build_prior(setups["evalp"], "evalp", m, "exact", None, 100)
+        rows.append((f"evalp+sir{m}", hook, bn))
+    rows.append(("langevin", *build_prior(setups["langevin"], "langevin", None, "exact", None, 100)))
+    rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir, "exact", None, 100)))
+
+    results = {}
+    for label, hook, bn_hook in rows:
+        t0 = time.perf_counter()
+        results[label] = evaluate_prior(res, hook, bn_hook)
+        print(f"[eval] {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+    base_time = results["gaussian"]["timing"]["seconds_per_image"]
+    header = (f"| prior | FID ({args.fid_samples} samples vs {args.fid_ref_images} train) | MMD^2 z_1 (median bw) "
+              f"| MMD^2 z_1 (0.5/1/2 bw) | MMD^2 mean over groups (0.5/1/2 bw) | s / image (batch {args.timing_batch}) "
+              f"| x Gaussian |")
+    lines = [header, "|" + "---|" * 7]
+    for label, r in results.items():
+        spi, mmd = r["timing"]["seconds_per_image"], r["mmd"]
+        lines.append(f"| {label} | {r['fid']['fid']:.1f} | {mmd['top']['mmd2']:.4f} | {mmd['top']['mmd2_multi']:.4f} "
+                     f"| {mmd['mean_mmd2_multi']:.4f} | {spi:.2e} | {spi / base_time:.1f} |")
+    table = "\n".join(lines)
+    summary = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "device": str(ctx.device), "torch_threads": torch.get_num_threads(),
+               "vae": str(vae_path), "vae_fingerprint": fingerprint,
+               "evalp_config": dataclasses.asdict(evalp_cfg.evalp),
+               "langevin_config": dataclasses.asdict(langevin_cfg.prior), "ncp_config": dataclasses.asdict(ncp_cfg.prior),
+               "train_seconds": timings, "results": results, "table": table}
+    save_text_atomic(out / "compare_priors.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    print(table)
+    print(f"wrote {out / 'compare_priors.json'}")
+
+
+if __name__ == "__main__":
+    main()

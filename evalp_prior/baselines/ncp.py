@@ -1,0 +1,162 @@
+"""Baseline: a noise-contrastive prior (NCP-VAE, Aneja et al. 2021) with SIR sampling.
+
+Per group a binary classifier D(z, h) = sigmoid(logit(z, h)) tells posterior samples z_l ~ q(z_l | x, z_<l)
+(label 1) from NVAE's prior samples z_l ~ p0 = N(mu_p, sigma_p^2) (label 0) with the same context h_l.
+At the optimum of the balanced cross-entropy, logit = log q(z | h) / p0(z | h), so the reweighted prior
+p0(z) r(z), r = D / (1 - D) = exp(logit), approximates the aggregate posterior. The classifier body is
+EVaLP's GroupEnergy with logit = -E (so r = exp(-E) and the EnergySet code is shared). Sampling: SIR
+with M proposals from p0 at temperature t, weights r, through evalp_prior.sir.sir_select (chunked).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvae.config import NVAERunConfig
+from nvae.distributions import draw_normal
+from nvae.model import NVAE
+from nvae.runtime import DistContext, RunLogger, StopSignal
+
+from ..objectives import GroupBatch
+from ..sir import sir_log_weight, sir_select
+from .common import BaselineConfig, BaselineRunConfig, BaselineTask, TrainedBaseline, load_baseline, train_baseline
+
+KIND = "ncp"
+
+
+@dataclass
+class NCPConfig(BaselineConfig):
+    """The shared baseline settings plus the generation default for SIR."""
+
+    lr: float = 1e-3
+    sir_proposals: int = 100  # M at generation unless overridden
+
+    def __post_init__(self) -> None:
+        if self.sir_proposals < 1:
+            raise ValueError(f"NCP needs sir_proposals >= 1, got {self.sir_proposals}")
+
+
+def ncp_loss(logit_pos: torch.Tensor, logit_neg: torch.Tensor) -> torch.Tensor:
+    """Balanced binary cross-entropy: -mean log D(z+) - mean log(1 - D(z-)), D = sigmoid(logit).
+
+    Minimised by logit = log q(z) / p0(z) (for balanced classes), the density ratio NCP reweights by.
+    """
+    return F.softplus(-logit_pos).mean() + F.softplus(logit_neg).mean()
+
+
+class NCPPrior:
+    """Implements nvae.hooks.PriorHook: SIR over ``sir_proposals`` p0 draws per item with weights
+    r = exp(-E(z, h)) at each of ``sir_groups`` (default: every NCP group); other groups are left to NVAE.
+
+    Since the proposals come from p0 itself, the exact importance weight p0 r / p0 is r: the two SIR
+    weightings of EVaLP coincide here. With M = 1 the hook is NVAE's prior.
+    """
+
+    def __init__(self, energies: nn.Module, groups: Sequence[int], sir_proposals: int = 100,
+                 sir_groups: Optional[Sequence[int]] = None, sir_chunk: int = 100) -> None:
+        if sir_proposals < 1 or sir_chunk < 1:
+            raise ValueError(f"need sir_proposals >= 1 and sir_chunk >= 1, got {sir_proposals}, {sir_chunk}")
+        self.energies = energies
+        self.groups = sorted(int(g) for g in groups)
+        self.sir_groups = list(self.groups) if sir_groups is None else sorted(int(g) for g in sir_groups)
+        missing = set(self.sir_groups) - set(self.groups)
+        if missing:
+            raise ValueError(f"SIR groups {sorted(missing)} are not NCP groups {self.groups}")
+        self.sir_proposals = sir_proposals
+        self.sir_chunk = sir_chunk
+
+    def sample_group(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
+                     temperature: float) -> Optional[torch.Tensor]:
+        """z_l (like mu_p) resampled by the classifier, or None to let NVAE draw the group."""
+        if group not in self.sir_groups or self.sir_proposals == 1:
+            return None
+        batch = mu_p.shape[0]
+        scale = temperature * sigma_p
+        energy_of = self._conditioned_energy(group, h)
+
+        def propose(k: int) -> torch.Tensor:
+            """k draws of p0_t per item, (k, batch, C, H, W); proposal j of item i shares item i's context."""
+            return mu_p + scale * torch.randn((k, *mu_p.shape), dtype=mu_p.dtype, device=mu_p.device)
+
+        def log_weight(z: torch.Tensor) -> torch.Tensor:
+            """(k, batch) log r = -E of the proposals."""
+            return sir_log_weight("energy", energy_of(z.flatten(0, 1)).view(z.shape[0], batch))
+
+        with torch.no_grad():
+            z, _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, batch)
+        return z.to(mu_p.dtype)
+
+
+    def _conditioned_energy(self, group: int, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """z (k * batch, ...) -> (k * batch,) energies, rows j * batch + i sharing h[i]: EnergySet's
+        broadcasting path (h's share computed once per item) when it has one, else h repeated k times."""
+        conditioned = getattr(self.energies, "conditioned", None)
+        if conditioned is not None:
+            return conditioned(group, h)
+        return lambda z: self.energies(group, z, h.repeat(z.shape[0] // h.shape[0], *([1] * (h.dim() - 1))))
+
+
+class NCPTask(BaselineTask):
+    """Per-group classifiers of posterior vs NVAE-prior samples under the same context, on a frozen NVAE."""
+
+    kind = KIND
+
+    def prior(self) -> NCPPrior:
+        return NCPPrior(self.energies, self.groups, self.cfg.sir_proposals)
+
+    def loss(self, batches: list[GroupBatch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        stats: dict[str, torch.Tensor] = {}
+        total = None
+        with self.precision.autocast():
+            for b in batches:
+                n = b.z_pos.shape[0]
+                z_neg = draw_normal(b.mu_p, b.sigma_p)
+                logits = -self.energy_net(b.group, torch.cat([b.z_pos, z_neg]), torch.cat([b.h, b.h]))
+                loss = ncp_loss(logits[:n], logits[n:])
+                total = loss if total is None else total + loss
+                stats[f"bce/group{b.group}"] = loss.detach()
+                stats[f"accuracy/group{b.group}"] = 0.5 * ((logits[:n] > 0).float().mean()
+                                                           + (logits[n:] <= 0).float().mean()).detach()
+        stats["accuracy/mean"] = torch.stack([stats[f"accuracy/group{b.group}"] for b in batches]).mean()
+        return total, stats
+
+    def eval_group(self, b: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z_neg = draw_normal(b.mu_p, b.sigma_p)
+        logit_pos, logit_neg = -self.energies(b.group, b.z_pos, b.h), -self.energies(b.group, z_neg, b.h)
+        z_prior = self.prior().sample_group(b.group, b.h, b.mu_p, b.sigma_p, 1.0)
+        accuracy = 0.5 * ((logit_pos > 0).float() + (logit_neg <= 0).float())
+        return z_prior, {"accuracy": accuracy, "logit_gap": logit_pos - logit_neg}
+
+
+def ncp_run_config(vae_path: str, fingerprint: str, **settings) -> BaselineRunConfig:
+    """An NCP run config from keyword settings (NCPConfig fields)."""
+    return BaselineRunConfig(NCPConfig(**settings), vae_path, fingerprint)
+
+
+def train_ncp(run_cfg: BaselineRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path,
+              logger: RunLogger, resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
+    """Train the NCP classifiers with the shared loop (see train_baseline)."""
+    return train_baseline(NCPTask, run_cfg, vae, vae_cfg, ctx, run_dir, logger, resume, stop)
+
+
+@dataclass
+class TrainedNCP:
+    """An 'ncp' checkpoint loaded for sampling."""
+
+    base: TrainedBaseline
+
+    def prior(self, sir_proposals: Optional[int] = None, sir_groups: Optional[Sequence[int]] = None,
+              sir_chunk: int = 100) -> NCPPrior:
+        """The hook with the run's M (or another), SIR at every NCP group unless sir_groups says otherwise."""
+        m = self.base.run_cfg.prior.sir_proposals if sir_proposals is None else sir_proposals
+        return NCPPrior(self.base.energies, self.base.groups, m, sir_groups, sir_chunk)
+
+
+def load_ncp(path: Path, device: torch.device) -> TrainedNCP:
+    """An NCP checkpoint with its frozen NVAE."""
+    return TrainedNCP(load_baseline(path, device, KIND, NCPConfig))

@@ -1,0 +1,291 @@
+"""Evaluation of a prior on a frozen NVAE: FID, top-group prior-hole MMD, sampling time, and the
+importance-weighted NLL of the backbone (SPEC sections 4-5).
+
+- FID: generated images vs reference statistics of the first N training images, both cropped to the
+  region the likelihood models (MNIST's 28x28 centre: the 2-pixel padding is never trained, so a decoder
+  may draw anything there). Reference statistics are cached as ``<stats dir>/fid_stats_<data set>-train.npz``
+  (default stats dir ``runs/fid_stats`` under the working directory, shared by every run on that data).
+- Prior-hole MMD: unbiased MMD^2 between posterior samples of encoded test images and the prior's draws,
+  per group, the draws given the context of the same posterior path. For the top group z_1 the context
+  h_1 is NVAE's constant start tensor, so this is the aggregate posterior q(z_1) against the prior's
+  marginal (the headline number); lower groups are compared conditionally on the posterior's h_l. The
+  Gaussian kernel's bandwidth is the median heuristic of the posterior samples alone (also summed over
+  0.5x, 1x, 2x it), so every prior is measured with the same kernel, and posterior samples come from a
+  fixed seed, so two evaluations of the same NVAE use the same samples.
+- Timing: seconds per image of ``NVAE.sample`` (prior draws + decoding) at one batch size, on a BN
+  re-adjusted copy, after a warm-up call; median of repeats.
+- NLL: the IWAE bound of the NVAE with its own Gaussian prior (metrics/nll.py); an energy-based prior's
+  normaliser is intractable, so it is reported for the backbone whatever prior is evaluated.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from nvae.bn import readjust_bn
+from nvae.config import NVAERunConfig
+from nvae.data import dataset_info, get_dataset
+from nvae.distributions import draw_normal
+from nvae.hooks import PriorHook
+from nvae.model import NVAE
+from nvae.train import binarize_if_needed
+
+from .generation import SamplingSetup, build_prior, default_prior, load_for_sampling
+from .metrics.fid import InceptionFeatures, fid_from_images, reference_stats
+from .metrics.mmd import posterior_bandwidth, prior_hole_mmd
+from .metrics.nll import dataset_nll
+from .metrics.timing import seconds_per_image
+
+DEFAULT_FID_STATS_DIR = Path("runs/fid_stats")
+POSTERIOR_SEED = 1234  # fixed: every evaluation of one NVAE compares priors against the same posterior draws
+
+
+@dataclass
+class EvalRequest:
+    """What to measure and how; 0 (or False) switches a metric off."""
+
+    prior: Optional[str] = None  # default: the checkpoint's own
+    fid_samples: int = 0
+    fid_batch: int = 64
+    fid_ref_images: int = 10000
+    fid_stats_dir: Path = DEFAULT_FID_STATS_DIR
+    mmd: bool = False
+    mmd_samples: int = 1000
+    nll_samples: int = 0  # K importance samples
+    nll_images: int = 1000
+    nll_chunk: int = 16
+    timing: bool = False
+    timing_batch: int = 64
+    timing_repeats: int = 5
+    sir: Optional[int] = None
+    sir_weights: str = "exact"
+    sir_groups: Optional[list[int]] = None
+    sir_chunk: int = 100
+    langevin_steps: Optional[int] = None
+    langevin_step_size: Optional[float] = None
+    temperature: float = 1.0
+    bn_batches: int = 20
+    batch_size: int = 64  # posterior passes (MMD, NLL)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag of the first impossible setting."""
+        if not (self.fid_samples or self.mmd or self.nll_samples or self.timing):
+            raise ValueError("nothing to evaluate: pass at least one of --fid N, --mmd, --nll K, --timing")
+        checks = [
+            (self.fid_samples == 0 or self.fid_samples >= 2, f"--fid needs at least 2 samples, got {self.fid_samples}"),
+            (self.fid_ref_images >= 2, f"--fid-ref-images needs at least 2 images, got {self.fid_ref_images}"),
+            (self.fid_batch >= 1, f"--fid-batch must be >= 1, got {self.fid_batch}"),
+            (self.mmd_samples >= 4, f"--mmd-samples needs at least 4 samples, got {self.mmd_samples}"),
+            (self.nll_samples >= 0, f"--nll needs K >= 1 importance samples, got {self.nll_samples}"),
+            (self.nll_images >= 1, f"--nll-images must be >= 1, got {self.nll_images}"),
+            (self.nll_chunk >= 1, f"--nll-chunk must be >= 1, got {self.nll_chunk}"),
+            (self.timing_batch >= 1, f"--timing-batch must be >= 1, got {self.timing_batch}"),
+            (self.timing_repeats >= 1, f"--timing-repeats must be >= 1, got {self.timing_repeats}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (self.bn_batches >= 0, f"--bn-batches must be >= 0, got {self.bn_batches}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class EvalResources:
+    """Pieces shared by every prior evaluated on one NVAE, built on first use."""
+
+    vae: NVAE
+    vae_cfg: NVAERunConfig
+    device: torch.device
+    request: EvalRequest
+    _features: Optional[InceptionFeatures] = field(default=None, repr=False)
+    _reference: Optional[tuple[np.ndarray, np.ndarray, dict[str, Any]]] = field(default=None, repr=False)
+
+    def binarize(self) -> bool:
+        tc = self.vae_cfg.train
+        return dataset_info(tc.dataset, tc.data_root).binarize
+
+    def split(self, split: str) -> Dataset:
+        tc = self.vae_cfg.train
+        return get_dataset(tc.dataset, split, tc.data_root)
+
+    def features(self) -> InceptionFeatures:
+        if self._features is None:
+            self._features = InceptionFeatures(batch_size=self.request.fid_batch).to(self.device)
+        return self._features
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(mu, sigma, description) of the training split's features, from the cache when it matches."""
+        if self._reference is None:
+            tc = self.vae_cfg.train
+            train = self.split("train")
+            count = min(self.request.fid_ref_images, len(train))
+            # Different roots of one data set name (e.g. two synthetic sets) must not share a cache file.
+            name = tc.dataset + (f"@{hashlib.sha1(str(tc.data_root).encode()).hexdigest()[:8]}" if tc.data_root else "")
+            batches = (self.vae.crop(b) for b in DataLoader(Subset(train, range(count)), batch_size=self.request.fid_batch))
+            size = list(self.vae.crop(train[0].unsqueeze(0)).shape[-2:])
+            mu, sigma = reference_stats(batches, name, "train", count, self.request.fid_stats_dir, self.features(),
+                                        image_size=size)
+            self._reference = (mu, sigma, {"reference_images": count, "reference_split": "train",
+                                           "stats_dir": str(self.request.fid_stats_dir), "image_size": size})
+        return self._reference
+
+
+@torch.no_grad()
+def prior_hole_mmd_per_group(vae: NVAE, prior: Optional[PriorHook], dataset: Dataset, num: int, batch_size: int,
+                             binarize: bool, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Prior-hole MMD^2 of every group between posterior samples and the prior's draws, and NVAE's.
+
+    One posterior pass per batch of the first num test images gives z_l ~ q and the context (h_l, mu_p,
+    sigma_p) on that path; the prior (and, for reference, NVAE's Gaussian) draws z_l given the same
+    context. For the top group the context is the constant start tensor, so its MMD compares the
+    aggregate posterior q(z_1) with the prior's marginal. Each group's kernel bandwidth is the median
+    heuristic of its posterior samples alone. Posterior draws are seeded by POSTERIOR_SEED and the batch
+    index, so they are the same whatever prior is evaluated; prior draws by seed and the batch index.
+    """
+    n = min(num, len(dataset))
+    if n < 4:
+        raise ValueError(f"the prior-hole MMD needs at least 4 test images, the split has {len(dataset)}")
+    samples: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in vae.group_specs] for k in ("post", "prior", "gauss")}
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        for i, batch in enumerate(DataLoader(Subset(dataset, range(n)), batch_size=batch_size)):
+            torch.manual_seed(POSTERIOR_SEED + i)
+            groups = vae.posterior(binarize_if_needed(batch.to(device), binarize)).groups
+            for key, hook in (("gauss", None), ("prior", prior)):
+                torch.manual_seed(seed * 1_000_003 + i)  # the same noise for both: a hook that declines = Gaussian
+                for g, st in enumerate(groups):
+                    z = hook.sample_group(g, st.h, st.mu_p, st.sigma_p, 1.0) if hook is not None else None
+                    samples[key][g].append((draw_normal(st.mu_p, st.sigma_p) if z is None else z).flatten(1).float().cpu())
+            for g, st in enumerate(groups):
+                samples["post"][g].append(st.z.flatten(1).float().cpu())
+    per_group = []
+    for g in range(len(vae.group_specs)):
+        post, z_prior, z_gauss = (torch.cat(samples[k][g]) for k in ("post", "prior", "gauss"))
+        bandwidth = float(posterior_bandwidth(post))
+        per_group.append({**prior_hole_mmd(post, z_prior, bandwidth), "bandwidth": bandwidth,
+                          "gaussian": prior_hole_mmd(post, z_gauss, bandwidth)})
+    return {"top": {**per_group[0], "group": 0, "num_samples": n}, "groups": per_group,
+            "mean_mmd2_multi": sum(r["mmd2_multi"] for r in per_group) / len(per_group),
+            "mean_mmd2_multi_gaussian": sum(r["gaussian"]["mmd2_multi"] for r in per_group) / len(per_group)}
+
+
+def bn_adjusted(vae: NVAE, bn_prior: Optional[PriorHook], bn_batches: int, batch_size: int,
+                temperature: float) -> NVAE:
+    """A copy of the NVAE with BN statistics re-estimated under the prior (the model itself if bn_batches is 0)."""
+    if bn_batches <= 0:
+        return vae.eval()
+    model = copy.deepcopy(vae)
+    readjust_bn(model, bn_batches, batch_size, temperature, bn_prior)
+    return model
+
+
+def sample_batches(model: NVAE, prior: Optional[PriorHook], num: int, batch_size: int,
+                   temperature: float) -> Iterator[torch.Tensor]:
+    """num generated images in batches, cropped to the modelled region (never all held at once)."""
+    for start in range(0, num, batch_size):
+        yield model.crop(model.sample(min(batch_size, num - start), temperature, prior)).cpu()
+
+
+def evaluate_prior(res: EvalResources, prior: Optional[PriorHook], bn_prior: Optional[PriorHook]) -> dict[str, Any]:
+    """FID, top-group MMD and timing (whichever res.request asks for) of one prior hook on res.vae."""
+    req, out = res.request, {}
+    model = None
+    if req.fid_samples or req.timing:
+        torch.manual_seed(req.seed)
+        model = bn_adjusted(res.vae, bn_prior if bn_prior is not None else prior, req.bn_batches, req.fid_batch,
+                            req.temperature)
+    if req.fid_samples:
+        mu, sigma, reference = res.reference()
+        torch.manual_seed(req.seed)
+        value = fid_from_images(sample_batches(model, prior, req.fid_samples, req.fid_batch, req.temperature),
+                                mu, sigma, res.features())
+        out["fid"] = {"fid": value, "num_samples": req.fid_samples, "temperature": req.temperature,
+                      "bn_batches": req.bn_batches, **reference}
+    if req.mmd:
+        out["mmd"] = prior_hole_mmd_per_group(res.vae, prior, res.split("test"), req.mmd_samples, req.batch_size,
+                                              res.binarize(), res.device, req.seed)
+    if req.timing:
+        torch.manual_seed(req.seed)
+        with torch.no_grad():
+            out["timing"] = seconds_per_image(lambda: model.sample(req.timing_batch, req.temperature, prior),
+                                              req.timing_batch, warmup=1, repeats=req.timing_repeats,
+                                              device=res.device)
+    return out
+
+
+def prior_label(prior: str, sir: Optional[int]) -> str:
+    """A short name for tables, e.g. 'evalp+sir1000'."""
+    return f"{prior}+sir{sir}" if sir and sir > 1 and prior in ("evalp", "ncp") else prior
+
+
+def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> dict[str, Any]:
+    """Load any checkpoint kind, evaluate the requested (or its own) prior, and return the JSON report."""
+    req.validate()
+    setup: SamplingSetup = load_for_sampling(path, device)
+    prior_name = req.prior or default_prior(setup)
+    prior, bn_prior = build_prior(setup, prior_name, req.sir, req.sir_weights, req.sir_groups, req.sir_chunk,
+                                  langevin_steps=req.langevin_steps, langevin_step_size=req.langevin_step_size)
+    if prior_name == "ncp" and req.sir is None:
+        sir = setup.ncp.base.run_cfg.prior.sir_proposals
+    else:
+        sir = req.sir
+    assert setup.vae_cfg is not None
+    res = EvalResources(setup.vae, setup.vae_cfg, device, req)
+    metrics = evaluate_prior(res, prior, bn_prior)
+    if req.nll_samples:
+        torch.manual_seed(req.seed)
+        metrics["nll"] = {**dataset_nll(setup.vae, res.split("test"), req.nll_samples, req.nll_images, res.binarize(),
+                                        req.batch_size, req.nll_chunk, device),
+                          "prior": "gaussian (the NVAE's own; EBM normalisers are intractable)"}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
+    return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name, "label": prior_label(prior_name, sir),
+            "sir": sir, "dataset": setup.vae_cfg.train.dataset, "device": str(device), "request": settings,
+            "metrics": metrics}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A human-readable table of one report."""
+    m = report["metrics"]
+    rows = [("checkpoint", report["checkpoint"]), ("prior", report["label"]), ("data set", report["dataset"])]
+    if "fid" in m:
+        f = m["fid"]
+        rows.append((f"FID ({f['num_samples']} samples vs {f['reference_images']} train)", f"{f['fid']:.2f}"))
+    if "mmd" in m:
+        t = m["mmd"]["top"]
+        rows.append((f"prior-hole MMD^2 z_1 (bandwidth {t['bandwidth']:.3g}, n={t['num_samples']})",
+                     f"{t['mmd2']:.4g} (Gaussian prior {t['gaussian']['mmd2']:.4g})"))
+        rows.append(("  summed over 0.5/1/2 x bandwidth", f"{t['mmd2_multi']:.4g} (Gaussian prior "
+                                                          f"{t['gaussian']['mmd2_multi']:.4g})"))
+        rows.append(("  mean over all groups (given posterior h)", f"{m['mmd']['mean_mmd2_multi']:.4g} (Gaussian prior "
+                                                                   f"{m['mmd']['mean_mmd2_multi_gaussian']:.4g})"))
+    if "timing" in m:
+        t = m["timing"]
+        rows.append((f"seconds per image (batch {t['batch_size']})", f"{t['seconds_per_image']:.4g}"))
+    if "nll" in m:
+        n = m["nll"]
+        rows.append((f"NLL, K={n['num_samples']} ({n['num_images']} test images)",
+                     f"{n['nats']:.2f} nats = {n['bits_per_dim']:.4f} bits/dim"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def finite_or_none(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with non-finite floats as None, so the JSON stays standard."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+    return clean(report)

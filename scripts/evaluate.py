@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Evaluate a prior on a frozen NVAE: FID, top-group prior-hole MMD, sampling time, importance-weighted NLL.
+
+Accepts stage-1 (gaussian), stage-2 (evalp) and baseline (langevin, ncp) checkpoints; by default the prior
+is the checkpoint's own. Writes a JSON report (atomically) and prints a table.
+Example: python scripts/evaluate.py --checkpoint runs/mnist-evalp/checkpoint.pt --fid 10000 --mmd --nll 1000 --timing
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nvae.entry import run_entry  # noqa: E402
+
+FULL_FID = 50000  # `--fid` without a number: the standard sample count (a GPU job)
+FULL_NLL = 1000  # `--nll` without a number: NVAE's importance-sample count
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt of kind nvae, evalp, langevin or ncp")
+    io.add_argument("--out", type=Path, default=None, help="JSON report (default: CHECKPOINT_DIR/eval_<prior>.json)")
+    io.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    prior = parser.add_argument_group("prior")
+    prior.add_argument("--prior", choices=("gaussian", "evalp", "langevin", "ncp"), default=None,
+                       help="default: the checkpoint's own (gaussian for stage 1)")
+    prior.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for FID and timing")
+    prior.add_argument("--bn-batches", type=int, default=20, help="BN re-adjustment batches before sampling (0: off)")
+    prior.add_argument("--seed", type=int, default=0)
+    prior.add_argument("--sir", type=int, default=None, metavar="M",
+                       help="SIR proposals per draw: evalp (default off) or ncp (default: the checkpoint's)")
+    prior.add_argument("--sir-weights", choices=("exact", "energy"), default="exact", help="EVaLP SIR weighting")
+    prior.add_argument("--sir-groups", default=None,
+                       help="comma-separated groups for SIR (default: evalp the top group, ncp every NCP group)")
+    prior.add_argument("--sir-chunk", type=int, default=100, help="proposals per draw evaluated at once")
+    prior.add_argument("--langevin-steps", type=int, default=None, help="Langevin prior: steps (default: trained K)")
+    prior.add_argument("--langevin-step-size", type=float, default=None,
+                       help="Langevin prior: step size s, noise sqrt(2 s) (default: trained s)")
+    metrics = parser.add_argument_group("metrics (at least one)")
+    metrics.add_argument("--fid", type=int, nargs="?", const=FULL_FID, default=0, metavar="N",
+                         help=f"FID of N generated images (no N: {FULL_FID})")
+    metrics.add_argument("--fid-batch", type=int, default=64, help="images per generation / feature batch")
+    metrics.add_argument("--fid-ref-images", type=int, default=10000, help="training images in the reference statistics")
+    metrics.add_argument("--fid-stats-dir", type=Path, default=Path("runs/fid_stats"),
+                         help="cache of reference statistics, shared by runs on the same data")
+    metrics.add_argument("--mmd", action="store_true", help="top-group prior-hole MMD against encoded test images")
+    metrics.add_argument("--mmd-samples", type=int, default=1000, help="posterior and prior samples for the MMD")
+    metrics.add_argument("--nll", type=int, nargs="?", const=FULL_NLL, default=0, metavar="K",
+                         help=f"importance-weighted NLL of the NVAE with K samples (no K: {FULL_NLL})")
+    metrics.add_argument("--nll-images", type=int, default=1000, help="test images for the NLL")
+    metrics.add_argument("--nll-chunk", type=int, default=16, help="importance samples per posterior pass")
+    metrics.add_argument("--timing", action="store_true", help="seconds per generated image")
+    metrics.add_argument("--timing-batch", type=int, default=64)
+    metrics.add_argument("--timing-repeats", type=int, default=5)
+    metrics.add_argument("--batch-size", type=int, default=64, help="images per posterior pass (MMD, NLL)")
+    return parser.parse_args(argv)
+
+
+def build_request(args: argparse.Namespace):
+    """The EvalRequest the flags describe (validated)."""
+    from evalp_prior.evaluation import EvalRequest
+
+    sir_groups = None
+    if args.sir_groups is not None:
+        try:
+            sir_groups = [int(g) for g in args.sir_groups.split(",")]
+        except ValueError as exc:
+            raise ValueError(f"--sir-groups must be comma-separated group indices, got {args.sir_groups!r}") from exc
+    req = EvalRequest(prior=args.prior, fid_samples=args.fid, fid_batch=args.fid_batch,
+                      fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir, mmd=args.mmd,
+                      mmd_samples=args.mmd_samples, nll_samples=args.nll, nll_images=args.nll_images,
+                      nll_chunk=args.nll_chunk, timing=args.timing, timing_batch=args.timing_batch,
+                      timing_repeats=args.timing_repeats, sir=args.sir, sir_weights=args.sir_weights,
+                      sir_groups=sir_groups, sir_chunk=args.sir_chunk, langevin_steps=args.langevin_steps,
+                      langevin_step_size=args.langevin_step_size, temperature=args.temperature,
+                      bn_batches=args.bn_batches, batch_size=args.batch_size, seed=args.seed)
+    req.validate()
+    return req
+
+
+def main_with_context(args: argparse.Namespace, ctx) -> int:
+    from evalp_prior.evaluation import evaluate_checkpoint, finite_or_none, format_report
+    from evalp_prior.train import save_text_atomic
+
+    if ctx.world_size > 1:
+        raise ValueError("evaluate.py runs as one process: start it with python, not torchrun")
+    req = build_request(args)  # before loading anything: a bad flag fails fast
+    report = finite_or_none(evaluate_checkpoint(args.checkpoint, req, ctx.device))
+    out = args.out or args.checkpoint.parent / f"eval_{report['label']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_text_atomic(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(format_report(report))
+    print(f"wrote {out}")
+    return 0
+
+
+def main() -> None:
+    args = parse_args()
+    run_entry(lambda ctx: main_with_context(args, ctx), args.device)
+
+
+if __name__ == "__main__":
+    main()
