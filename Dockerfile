@@ -21,6 +21,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT=150 \
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
     PYTHONPATH=/workspace/evalp
 
 # A failing command anywhere in a pipeline fails the build step.

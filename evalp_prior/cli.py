@@ -52,6 +52,7 @@ def run_stage2(args: argparse.Namespace, ctx: DistContext) -> int:
     """Train stage 1 if no --vae was given, then EVaLP on the frozen NVAE; returns the exit status."""
     run_dir = Path(args.save)
     resume = resolve_resume(args.resume, run_dir)
+    dataclasses.replace(EVaLPConfig(), **overrides(args, EVaLPConfig, EVALP_PREFIX)).validate()  # before any work
     vae_path = Path(args.vae) if args.vae else run_dir / STAGE1_DIR / LATEST_NAME
     if args.vae is None and resume is None:
         # One job: stage 1 (itself resumable) unless a stage-2 checkpoint shows it already finished.

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from nvae.config import require_settings
+
 
 @dataclass
 class EVaLPConfig:
@@ -39,6 +41,13 @@ class EVaLPConfig:
     max_bad_steps: int = 20
     sample_temperature: float = 1.0
     bn_readjust_batches: int = 20
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag of the first impossible setting (cadence is checked by the loop)."""
+        require_settings(self, positive=("sample_temperature",),
+                         at_least_one=("energy_hidden", "sampler_hidden", "num_couplings", "embed_dim", "n_critic",
+                                       "eval_batches"),
+                         non_negative=("lambda_gp", "kl_weight", "bn_readjust_batches"))
 
 
 @dataclass

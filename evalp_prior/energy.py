@@ -14,6 +14,8 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from nvae.hooks import GroupSpec
 
+from .sampler import _apply
+
 
 def _maybe_sn(layer: nn.Module, enabled: bool) -> nn.Module:
     """Wrap ``layer`` in a spectral-norm parametrisation when ``enabled``."""
@@ -63,7 +65,7 @@ class GroupEnergy(nn.Module):
             features = F.conv2d(z, weight[:, :c_z], None, first.stride, first.padding)  # (k * B, hidden, H, W)
             features = features.unflatten(0, (-1, batch)).add_(term.to(features.dtype)).flatten(0, 1)
             for layer in tuple(self.body)[1:]:
-                features = layer(features)  # (k * B, hidden, H, W)
+                features = _apply(layer, features)  # (k * B, hidden, H, W)
             # Mean pool keeps the energy's scale independent of the group's resolution.
             return self.head(features.mean(dim=(2, 3))).squeeze(1).float()
 

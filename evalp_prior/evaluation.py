@@ -111,14 +111,17 @@ class EvalResources:
     _reference: Optional[tuple[np.ndarray, np.ndarray, dict[str, Any]]] = field(default=None, repr=False)
 
     def binarize(self) -> bool:
+        """Whether the data set is dynamically binarised (the NVAE's likelihood is on binary images)."""
         tc = self.vae_cfg.train
         return dataset_info(tc.dataset, tc.data_root).binarize
 
     def split(self, split: str) -> Dataset:
+        """The NVAE's data set, 'train' or 'test' split."""
         tc = self.vae_cfg.train
         return get_dataset(tc.dataset, split, tc.data_root)
 
     def features(self) -> InceptionFeatures:
+        """The Inception-v3 feature network on the evaluation device (loaded once)."""
         if self._features is None:
             self._features = InceptionFeatures(batch_size=self.request.fid_batch).to(self.device)
         return self._features

@@ -23,6 +23,14 @@ def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _apply(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), with SiLU in place when no autograd graph records x: at generation every fresh
+    (chunk x hidden) activation buffer costs page faults, which showed up as a third of SIR's time."""
+    if isinstance(layer, nn.SiLU) and not (torch.is_grad_enabled() and x.requires_grad):
+        return F.silu(x, inplace=True)
+    return layer(x)
+
+
 def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
     """sum over (C, H, W) of log N(x; 0, 1), (B,) in at least float32."""
     x = _at_least_f32(x)
@@ -80,7 +88,7 @@ class AffineCoupling(nn.Module):
         a = F.conv2d(x_cond, first.weight[:, : self.n_cond], None, first.stride, first.padding)  # (k * B, hidden, H, W)
         a = a.unflatten(0, (-1, term.shape[0])).add_(term.to(a.dtype)).flatten(0, 1)
         for layer in tuple(self.net)[1:]:
-            a = layer(a)
+            a = _apply(layer, a)
         raw_log_s, t = a.to(x_cond.dtype).chunk(2, dim=1)
         return self.bound * torch.tanh(raw_log_s / self.bound), t
 

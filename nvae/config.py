@@ -99,6 +99,33 @@ class TrainConfig:
     max_bad_steps: int = 20
     sync_bn: bool = False
 
+    def validate(self) -> None:
+        """Raise ValueError naming the flag of the first impossible setting (cadence is checked by the loop)."""
+        require_settings(self, positive=("sample_temperature", "lr_min", "adamax_eps"),
+                         at_least_one=("eval_batches", "num_power_iter"),
+                         non_negative=("bn_readjust_batches", "warmup_epochs", "grad_clip", "weight_decay",
+                                       "weight_decay_norm"),
+                         unit_interval=("kl_anneal_portion", "kl_const_portion", "kl_min_coeff"))
+
+
+def require_settings(cfg, positive=(), at_least_one=(), non_negative=(), unit_interval=()) -> None:
+    """Shared range checks for config dataclasses; messages name the command-line flag."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{flag(name)} must be > 0, got {getattr(cfg, name)}")
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in unit_interval:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(cfg, name)}")
+
 
 @dataclass
 class NVAERunConfig:

@@ -63,10 +63,12 @@ class SpectralRegularizer(nn.Module):
                 by_shape[(module.out_channels, module.weight[0].numel())].append(module)
         self._convs = [convs for _, convs in sorted(by_shape.items())]  # plain list: not submodules
         self._shapes = sorted(by_shape)
+        # A fixed seed: every DDP rank starts from the same vectors, so they stay identical without a broadcast.
+        generator = torch.Generator().manual_seed(0)
         for i, (rows, cols) in enumerate(self._shapes):
             n = len(self._convs[i])
-            self.register_buffer(f"u{i}", F.normalize(torch.randn(n, rows), dim=1, eps=1e-3))
-            self.register_buffer(f"v{i}", F.normalize(torch.randn(n, cols), dim=1, eps=1e-3))
+            self.register_buffer(f"u{i}", F.normalize(torch.randn(n, rows, generator=generator), dim=1, eps=1e-3))
+            self.register_buffer(f"v{i}", F.normalize(torch.randn(n, cols, generator=generator), dim=1, eps=1e-3))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def forward(self) -> torch.Tensor:

@@ -46,6 +46,7 @@ def build_stage1_config(args: argparse.Namespace) -> NVAERunConfig:
     base = preset(args.preset)
     explicit = explicit_overrides(args)
     train = dataclasses.replace(base.train, **explicit["train"])
+    train.validate()
     info = dataset_info(train.dataset, train.data_root)
     model = model_config_for_dataset(base.model, info, explicit["model"])
     model = dataclasses.replace(model, **explicit["model"])

@@ -77,6 +77,9 @@ class NVAETask:
         self.spectral = SpectralRegularizer(model, tc.num_power_iter).to(ctx.device)
         self.alphas = kl_balance_alphas(model.group_specs).to(ctx.device)
         self.optimizer = build_optimizer(model.parameters(), tc)
+        # Running statistics a non-finite forward pass would poison; restored when its step is skipped.
+        self.bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                           for b in m.buffers()]
         self.scheduler = warmup_cosine(self.optimizer, int(tc.warmup_epochs * per_epoch), total_steps, tc.lr_min)
 
     def config_json(self) -> str:
@@ -104,6 +107,7 @@ class NVAETask:
     def train_step(self, batch: torch.Tensor, step: int) -> Optional[dict[str, torch.Tensor]]:
         self.net.train()
         x = binarize_if_needed(batch, self.binarize)
+        bn_before = [b.clone() for b in self.bn_buffers]
         loss, parts = self.loss(x, step)
         self.optimizer.zero_grad(set_to_none=True)
         # An infinite clip threshold still computes the norm, which is how non-finite steps are caught.
@@ -112,6 +116,9 @@ class NVAETask:
         parts["lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
         if not took_step:
+            with torch.no_grad():
+                for buffer, saved in zip(self.bn_buffers, bn_before):
+                    buffer.copy_(saved)
             return None
         parts["grad_norm"] = self.precision.last_grad_norm.detach()
         return parts

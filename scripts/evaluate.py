@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prior.add_argument("--langevin-step-size", type=float, default=None,
                        help="Langevin prior: step size s, noise sqrt(2 s) (default: trained s)")
     metrics = parser.add_argument_group("metrics (at least one)")
-    metrics.add_argument("--fid", type=int, nargs="?", const=FULL_FID, default=0, metavar="N",
+    metrics.add_argument("--fid", type=int, nargs="?", const=FULL_FID, default=None, metavar="N",
                          help=f"FID of N generated images (no N: {FULL_FID})")
     metrics.add_argument("--fid-batch", type=int, default=64, help="images per generation / feature batch")
     metrics.add_argument("--fid-ref-images", type=int, default=10000, help="training images in the reference statistics")
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="cache of reference statistics, shared by runs on the same data")
     metrics.add_argument("--mmd", action="store_true", help="top-group prior-hole MMD against encoded test images")
     metrics.add_argument("--mmd-samples", type=int, default=1000, help="posterior and prior samples for the MMD")
-    metrics.add_argument("--nll", type=int, nargs="?", const=FULL_NLL, default=0, metavar="K",
+    metrics.add_argument("--nll", type=int, nargs="?", const=FULL_NLL, default=None, metavar="K",
                          help=f"importance-weighted NLL of the NVAE with K samples (no K: {FULL_NLL})")
     metrics.add_argument("--nll-images", type=int, default=1000, help="test images for the NLL")
     metrics.add_argument("--nll-chunk", type=int, default=16, help="importance samples per posterior pass")
@@ -66,15 +66,19 @@ def build_request(args: argparse.Namespace):
     """The EvalRequest the flags describe (validated)."""
     from evalp_prior.evaluation import EvalRequest
 
+    if args.fid is not None and args.fid < 2:
+        raise ValueError(f"--fid needs at least 2 samples, got {args.fid}")
+    if args.nll is not None and args.nll < 1:
+        raise ValueError(f"--nll needs K >= 1 importance samples, got {args.nll}")
     sir_groups = None
     if args.sir_groups is not None:
         try:
             sir_groups = [int(g) for g in args.sir_groups.split(",")]
         except ValueError as exc:
             raise ValueError(f"--sir-groups must be comma-separated group indices, got {args.sir_groups!r}") from exc
-    req = EvalRequest(prior=args.prior, fid_samples=args.fid, fid_batch=args.fid_batch,
+    req = EvalRequest(prior=args.prior, fid_samples=args.fid or 0, fid_batch=args.fid_batch,
                       fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir, mmd=args.mmd,
-                      mmd_samples=args.mmd_samples, nll_samples=args.nll, nll_images=args.nll_images,
+                      mmd_samples=args.mmd_samples, nll_samples=args.nll or 0, nll_images=args.nll_images,
                       nll_chunk=args.nll_chunk, timing=args.timing, timing_batch=args.timing_batch,
                       timing_repeats=args.timing_repeats, sir=args.sir, sir_weights=args.sir_weights,
                       sir_groups=sir_groups, sir_chunk=args.sir_chunk, langevin_steps=args.langevin_steps,

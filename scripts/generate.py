@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,9 +42,25 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible flags before loading anything."""
+    for name in ("batch_size", "nrow"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.bn_batches < 0:
+        raise ValueError(f"--bn-batches must be >= 0, got {args.bn_batches}")
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):
+        if path is not None and path.is_dir():
+            raise ValueError(f"{flag} {path} is a directory; give a file path")
+    if args.sir_groups is not None and args.sir_groups != "all" and not re.fullmatch(r"[0-9]+(,[0-9]+)*", args.sir_groups):
+        raise ValueError(f"--sir-groups must be 'all' or comma-separated group indices, got {args.sir_groups!r}")
+
+
 def main_with_context(args: argparse.Namespace, ctx) -> int:
     from evalp_prior.generation import build_prior, generate, load_for_sampling, save_outputs
 
+    check_args(args)
     setup = load_for_sampling(args.checkpoint, ctx.device)
     prior_name = args.prior or ("evalp" if setup.evalp is not None else "gaussian")
     sir_groups = None

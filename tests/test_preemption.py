@@ -33,6 +33,24 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+def children(pid: int) -> dict[int, int]:
+    """pid -> RANK of the direct children of `pid` that are torchrun workers."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or not ours
+            continue
+        ranks = [int(v.split(b"=", 1)[1]) for v in env if v.startswith(b"RANK=")]
+        if ranks:
+            found[int(entry.name)] = ranks[0]
+    return found
+
+
 def _torchrun(*args: str) -> list[str]:
     # No --master_port: a single-node torchrun then picks a free port itself.
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args]
@@ -41,10 +59,10 @@ def _torchrun(*args: str) -> list[str]:
 class Launch:
     """A training process started in the background; stopped (and its workers killed) on exit."""
 
-    def __init__(self, cmd: list[str], log: Path) -> None:
+    def __init__(self, cmd: list[str], log: Path, **env: str) -> None:
         self.log = log
         self._out = open(log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=self._out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **env}, stdout=self._out, stderr=subprocess.STDOUT)
         self.worker_pids: dict[int, int] = {}
 
     def output(self) -> str:
@@ -61,19 +79,8 @@ class Launch:
         pytest.fail(f"no step {step} within {WAIT_S} s:\n{self.output()[-3000:]}")
 
     def workers(self) -> dict[int, int]:
-        """rank -> pid of the processes torchrun started (its direct children)."""
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                env = (entry / "environ").read_bytes().split(b"\0") if ppid == self.proc.pid else []
-            except (OSError, IndexError, ValueError):
-                continue
-            ranks = [int(v.split(b"=", 1)[1]) for v in env if v.startswith(b"RANK=")]
-            if ranks:
-                found[ranks[0]] = int(entry.name)
+        """rank -> pid of the worker processes torchrun started."""
+        found = {rank: pid for pid, rank in children(self.proc.pid).items()}
         assert sorted(found) == [0, 1], found
         self.worker_pids = found
         return found
@@ -86,6 +93,8 @@ class Launch:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:
+            # Workers run in sessions of their own: if torchrun is killed they live on, so note them first.
+            self.worker_pids.update({rank: pid for pid, rank in children(self.proc.pid).items()})
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
@@ -156,8 +165,10 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_auto_finishes(tmp_path):
     _check_checkpoint_at(run_dir, step)
     assert [r["step"] for r in _train_records(run_dir)] == list(range(1, step + 1))
 
-    second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=WAIT_S)
-    assert second.returncode == 0, second.stderr[-3000:]
+    with Launch(cmd, tmp_path / "second.log") as second:
+        status = second.wait()
+        output = second.output()
+    assert status == 0, output[-3000:]
     assert f"resumed from {run_dir / 'checkpoint.pt'} at step {step} " in (run_dir / "train.log").read_text()
     assert load_checkpoint(run_dir / "checkpoint.pt", "nvae")["step"] == total
     # Across both starts every step ran exactly once.

@@ -67,11 +67,13 @@ class BaselineRunConfig:
     vae_fingerprint: str = ""
 
     def to_json(self) -> str:
+        """JSON of the settings, the NVAE path and its fingerprint."""
         return json.dumps({"prior": dataclasses.asdict(self.prior), "vae_path": self.vae_path,
                            "vae_fingerprint": self.vae_fingerprint}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, config_cls: type) -> "BaselineRunConfig":
+        """Inverse of to_json, with the settings read as config_cls (LangevinConfig or NCPConfig)."""
         data: dict[str, Any] = json.loads(text)
         return cls(prior=config_cls(**data["prior"]), vae_path=data["vae_path"], vae_fingerprint=data["vae_fingerprint"])
 
@@ -107,6 +109,7 @@ class BaselineTask:
         self.last_metrics: dict[str, float] = {}
 
     def config_json(self) -> str:
+        """The run config stored in every checkpoint."""
         return self.run_cfg.to_json()
 
     def loss(self, batches: list[GroupBatch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -122,6 +125,7 @@ class BaselineTask:
         raise NotImplementedError
 
     def train_step(self, batch: torch.Tensor, step: int) -> Optional[dict[str, torch.Tensor]]:
+        """One optimiser step on one posterior pass of the frozen NVAE; None when it was non-finite."""
         self.energies.train()
         x = binarize_if_needed(batch, self.binarize)
         group_batches = posterior_group_batches(self.vae, x, self.groups, self.precision)
@@ -171,12 +175,14 @@ class BaselineTask:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
+        """Networks, optimiser, scaler, and the frozen NVAE (config and weights)."""
         return {"energies": self.energies.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.precision.scaler.state_dict(),
                 # The frozen NVAE travels with the prior (as in a stage-2 checkpoint), so it samples on its own.
                 "vae": {"config": self.vae_cfg.to_json(), "model": self.vae.state_dict()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict saved (the NVAE is the one the task was built with)."""
         self.energies.load_state_dict(state["energies"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])

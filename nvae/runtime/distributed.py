@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, NoReturn, Optional
@@ -39,6 +40,8 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
     """Turn 'auto'/'cpu'/'cuda'/'cuda:N' into a concrete device; a bare 'cuda' follows the local rank."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if re.fullmatch(r"cpu|cuda(:[0-9]+)?", device) is None:
+        raise ValueError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
     resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():

@@ -32,22 +32,18 @@ FAULT_EXIT_CODE = "NVAE_FAULT_EXIT_CODE"
 _RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun: 0 in the first attempt
 
 
-def _parse_steps(text: str) -> frozenset[int]:
-    """'3,9-12' -> {3, 9, 10, 11, 12}."""
-    steps: set[int] = set()
-    try:
-        for part in text.split(","):
-            first, _, last = part.strip().partition("-")
-            low, high = int(first), int(last or first)
-            if low < 1 or high < low:
-                raise ValueError
-            steps.update(range(low, high + 1))
-    except ValueError:
-        raise ValueError(f"{NAN_AT_STEP}={text!r}: expected steps >= 1 and ranges such as '5', '5-7' or '3,9-12'") from None
-    return frozenset(steps)
+def _parse_steps(text: str) -> tuple[tuple[int, int], ...]:
+    """'3,9-12' -> ((3, 3), (9, 12)): inclusive ranges of steps."""
+    ranges = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or not (last or first).isdigit() or not 1 <= int(first) <= int(last or first):
+            raise ValueError(f"{NAN_AT_STEP}={text!r}: expected steps >= 1 and ranges, e.g. '5', '5-7' or '3,9-12'")
+        ranges.append((int(first), int(last or first)))
+    return tuple(ranges)
 
 
-def _parse_int(environ: Mapping[str, str], name: str, default: Optional[int], low: int) -> Optional[int]:
+def _parse_int(environ: Mapping[str, str], name: str, default: int, low: int) -> int:
     """An integer environment variable >= low, or `default` when unset."""
     text = environ.get(name, "").strip()
     if not text:
@@ -62,7 +58,7 @@ class FaultPlan:
     """Which rank misbehaves, and how, at which steps."""
 
     kill_at_step: Optional[int]
-    nan_steps: frozenset[int]
+    nan_ranges: tuple[tuple[int, int], ...]  # inclusive (first, last) step ranges
     rank: Optional[int]  # None: every rank
     exit_code: int
     first_attempt: bool
@@ -70,15 +66,19 @@ class FaultPlan:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Optional["FaultPlan"]:
         """The plan the NVAE_FAULT_* variables describe, or None when none is set."""
-        kill = _parse_int(environ, KILL_AT_STEP, None, 1)
-        nan_text = environ.get(NAN_AT_STEP, "").strip()
-        if kill is None and not nan_text:
+        kill_text, nan_text = environ.get(KILL_AT_STEP, "").strip(), environ.get(NAN_AT_STEP, "").strip()
+        if not kill_text and not nan_text:
             return None
         rank_text = environ.get(FAULT_RANK, "").strip().lower()
-        rank = None if rank_text == "all" else _parse_int(environ, FAULT_RANK, 0, 0)
-        return cls(kill_at_step=kill, nan_steps=_parse_steps(nan_text) if nan_text else frozenset(),
-                   rank=rank, exit_code=int(_parse_int(environ, FAULT_EXIT_CODE, 1, 1)),
+        return cls(kill_at_step=_parse_int(environ, KILL_AT_STEP, 0, 1) if kill_text else None,
+                   nan_ranges=_parse_steps(nan_text) if nan_text else (),
+                   rank=None if rank_text == "all" else _parse_int(environ, FAULT_RANK, 0, 0),
+                   exit_code=_parse_int(environ, FAULT_EXIT_CODE, 1, 1),
                    first_attempt=_parse_int(environ, _RESTART_COUNT, 0, 0) == 0)
+
+    def poisons(self, step: int) -> bool:
+        """True if step (counted from 1) gets a NaN loss."""
+        return any(first <= step <= last for first, last in self.nan_ranges)
 
     def describe(self) -> str:
         """One line for the run log, so an injected failure is never mistaken for a real one."""
@@ -87,8 +87,9 @@ class FaultPlan:
         if self.kill_at_step is not None:
             when = "" if self.first_attempt else " (not now: elastic restarts are spared)"
             parts.append(f"exit {self.exit_code} before step {self.kill_at_step}{when}")
-        if self.nan_steps:
-            parts.append(f"NaN loss at steps {sorted(self.nan_steps)}")
+        if self.nan_ranges:
+            steps = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in self.nan_ranges)
+            parts.append(f"NaN loss at steps {steps}")
         return f"FAULT INJECTION ({who}): " + "; ".join(parts)
 
     def wrap(self, task: Any, rank: int) -> Any:
@@ -125,7 +126,7 @@ class FaultyTask:
         if number == self._plan.kill_at_step and self._plan.first_attempt:
             print(f"{self._plan.describe()}: exiting now", file=sys.stderr, flush=True)
             os._exit(self._plan.exit_code)
-        if number in self._plan.nan_steps:
+        if self._plan.poisons(number):
             with _nan_loss():
                 return self._task.train_step(batch, step)
         return self._task.train_step(batch, step)

@@ -92,8 +92,6 @@ def steps_per_epoch(dataset_len: int, world_size: int, batch_size: int) -> int:
     """Optimisation steps in one pass over the data (drop_last on every rank)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     steps = dataset_len // world_size // batch_size
     if steps == 0:
         raise ValueError(f"a data set of {dataset_len} images cannot fill one batch of {batch_size} on "
@@ -194,8 +192,7 @@ def run_training(task: TrainTask, dataset: Dataset, ctx: DistContext, settings: 
                     values = {k: float(v) for k, v in metrics.items()}
                     logger.scalars(step, values)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:3]})
-                end_of_epoch = batch_in_epoch == per_epoch
-                if (settings.eval_every and step % settings.eval_every == 0) or (not settings.eval_every and end_of_epoch):
+                if (step % settings.eval_every == 0) if settings.eval_every else (batch_in_epoch == per_epoch):
                     evaluate()
             # A skipped step is still a step: pre-emption and the end of the run apply after it too.
             if stop.sync(ctx):
