@@ -51,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--langevin-step-size", type=float, default=0.05, help="s (noise sqrt(2 s))")
     parser.add_argument("--sir", type=int, nargs="+", default=[100], help="EVaLP SIR proposal counts (rows)")
     parser.add_argument("--ncp-sir", type=int, default=100, help="NCP SIR proposals (every group)")
+    parser.add_argument("--evalp-kl-weights", type=float, nargs="*", default=[],
+                        help="extra EVaLP rows trained with these w_kl (SPEC: measure 1e-3 and 1 besides the default)")
     parser.add_argument("--fid-samples", type=int, default=200)
     parser.add_argument("--fid-ref-images", type=int, default=1000)
     parser.add_argument("--mmd-samples", type=int, default=1000)
@@ -108,9 +110,12 @@ def main() -> None:
     langevin_cfg = langevin_run_config(str(vae_path), fingerprint, langevin_steps=args.langevin_steps,
                                        langevin_step_size=args.langevin_step_size, **common)
     ncp_cfg = ncp_run_config(str(vae_path), fingerprint, sir_proposals=args.ncp_sir, **common)
+    extra_evalp = {f"evalp_wkl{w:g}": EVaLPRunConfig(dataclasses.replace(evalp_cfg.evalp, kl_weight=w), str(vae_path),
+                                                     fingerprint) for w in args.evalp_kl_weights}
+    stages = [("evalp", evalp_cfg, train_evalp), *((n, c, train_evalp) for n, c in extra_evalp.items()),
+              ("langevin", langevin_cfg, train_langevin), ("ncp", ncp_cfg, train_ncp)]
     checkpoints = {}
-    for name, run_cfg, train in (("evalp", evalp_cfg, train_evalp), ("langevin", langevin_cfg, train_langevin),
-                                 ("ncp", ncp_cfg, train_ncp)):
+    for name, run_cfg, train in stages:
         seed_everything(args.seed, ctx)
         t0 = time.perf_counter()
         checkpoints[name] = _stage(out / name, name, args.prior_steps, lambda logger, resume, c=run_cfg, f=train, n=name:
@@ -128,6 +133,8 @@ def main() -> None:
     for m in args.sir:
         hook, bn = build_prior(setups["evalp"], "evalp", m, "exact", None, 100)
         rows.append((f"evalp+sir{m}", hook, bn))
+    for name in extra_evalp:  # without SIR: these rows ask how w_kl alone changes the sampler
+        rows.append((name.replace("_", " "), *build_prior(setups[name], "evalp", None, "exact", None, 100)))
     rows.append(("langevin", *build_prior(setups["langevin"], "langevin", None, "exact", None, 100)))
     rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir, "exact", None, 100)))
 
@@ -150,6 +157,7 @@ def main() -> None:
                "device": str(ctx.device), "torch_threads": torch.get_num_threads(),
                "vae": str(vae_path), "vae_fingerprint": fingerprint,
                "evalp_config": dataclasses.asdict(evalp_cfg.evalp),
+               "evalp_extra_kl_weights": list(args.evalp_kl_weights),
                "langevin_config": dataclasses.asdict(langevin_cfg.prior), "ncp_config": dataclasses.asdict(ncp_cfg.prior),
                "train_seconds": timings, "results": results, "table": table}
     save_text_atomic(out / "compare_priors.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
