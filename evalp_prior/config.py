@@ -24,7 +24,9 @@ class EVaLPConfig:
     lambda_gp: float = 10.0
     kl_weight: float = 0.0  # w_kl; theory says 1, the authors' runs use 0..1e-3
     lr_energy: float = 1e-4
-    lr_sampler: float = 1e-4
+    # Two time-scales: at 1e-4 the flow outran the critic on tiny MNIST (samples at 2x the posterior's
+    # spread, top-group MMD 1.1 vs 0.0007 for the Gaussian prior); at 1e-5 it stayed matched (0.0014).
+    lr_sampler: float = 1e-5
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     batch_size: int = 64  # per process
