@@ -4,8 +4,9 @@
 Trains a `tiny` (default) or `mnist` NVAE on bundled MNIST (or reuses --vae), fits EVaLP (with the
 defaults of evalp_prior/config.py), the Langevin energy prior and the NCP classifiers on it for the same
 number of steps, then prints one table: FID (N samples vs reference training images), top-group
-prior-hole MMD^2 (one posterior-set kernel for all rows), seconds per image and its ratio to the Gaussian
-prior. Every stage's checkpoint is reused when present in --out, so an interrupted run continues.
+prior-hole MMD^2 (one posterior-set kernel for all rows), seconds per image (all rows timed round-robin)
+and its ratio to the Gaussian prior. Every stage's checkpoint is reused when present in --out, so an
+interrupted run continues and a rerun with extra rows only trains what is new.
 
 CPU default (about 20-30 min on two shared cores):
     python benchmarks/compare_priors.py --out runs/compare_priors
@@ -19,9 +20,11 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,10 +32,12 @@ import torch  # noqa: E402
 
 from evalp_prior.baselines import langevin_run_config, ncp_run_config, train_langevin, train_ncp  # noqa: E402
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
-from evalp_prior.evaluation import EvalRequest, EvalResources, evaluate_prior  # noqa: E402
+from evalp_prior.evaluation import EvalRequest, EvalResources, bn_adjusted, evaluate_prior  # noqa: E402
 from evalp_prior.generation import build_prior, load_for_sampling  # noqa: E402
+from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, save_text_atomic, train_evalp  # noqa: E402
 from nvae.config import preset  # noqa: E402
+from nvae.model import NVAE  # noqa: E402
 from nvae.runtime import RunLogger, init_distributed, load_checkpoint, seed_everything  # noqa: E402
 from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
 from nvae.train import train_nvae  # noqa: E402
@@ -57,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fid-ref-images", type=int, default=1000)
     parser.add_argument("--mmd-samples", type=int, default=1000)
     parser.add_argument("--timing-batch", type=int, default=64)
+    parser.add_argument("--timing-rounds", type=int, default=7, help="round-robin timing rounds (median taken)")
     parser.add_argument("--bn-batches", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -64,13 +70,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _stage(path: Path, name: str, total_steps: int, train) -> Path:
-    """Train into path (resuming a partial run); a finished checkpoint is reused as it is."""
+def _stage(path: Path, name: str, config_json: str, total_steps: int, train, seconds: dict[str, Any]) -> Path:
+    """Train into path (resuming a partial run) and record its seconds; a finished checkpoint is reused.
+
+    A checkpoint trained with another configuration (e.g. before a default changed) is an error, never
+    silently reused: the table must describe the settings it reports.
+    """
     ckpt = path / LATEST_NAME
     resume = None
     if ckpt.is_file():
-        if int(load_checkpoint(ckpt, map_location="cpu")["step"]) >= total_steps:
+        payload = load_checkpoint(ckpt, map_location="cpu")
+        if json.loads(payload["config"]) != json.loads(config_json):
+            raise SystemExit(f"[{name}] {ckpt} was trained with a different configuration than this run asks for "
+                             f"(a changed default or flag); move {path} away or use another --out")
+        if int(payload["step"]) >= total_steps:
             print(f"[{name}] reusing {ckpt}", flush=True)
+            seconds[name] = "reused"
             return ckpt
         resume = ckpt
     start = time.perf_counter()
@@ -78,8 +93,28 @@ def _stage(path: Path, name: str, total_steps: int, train) -> Path:
         status = train(logger, resume)
     if status != 0:
         raise SystemExit(f"[{name}] training stopped with status {status}")
-    print(f"[{name}] trained in {time.perf_counter() - start:.0f} s", flush=True)
+    seconds[name] = time.perf_counter() - start
+    print(f"[{name}] trained in {seconds[name]:.0f} s", flush=True)
     return ckpt
+
+
+def interleaved_timing(rows: list[tuple[str, Any, Any]], vae: NVAE, args: argparse.Namespace,
+                       device: torch.device) -> dict[str, dict[str, Any]]:
+    """Seconds per image of every row's NVAE.sample at one batch size, timed round-robin (one call per row
+    per round after a warm-up call, median over rounds) so that a shared machine's changing load hits
+    every row alike and the ratios stay meaningful."""
+    torch.manual_seed(args.seed)
+    models = {label: bn_adjusted(vae, bn if bn is not None else hook, args.bn_batches, args.timing_batch, 1.0)
+              for label, hook, bn in rows}
+    calls: dict[str, list[float]] = {label: [] for label, _, _ in rows}
+    with torch.no_grad():
+        for r in range(args.timing_rounds):
+            for label, hook, _ in rows:
+                t = seconds_per_image(lambda m=models[label], h=hook: m.sample(args.timing_batch, 1.0, h),
+                                      args.timing_batch, warmup=1 if r == 0 else 0, repeats=1, device=device)
+                calls[label].append(t["seconds_per_batch"])
+    return {label: {"seconds_per_image": statistics.median(c) / args.timing_batch, "call_seconds": c,
+                    "batch_size": args.timing_batch, "rounds": args.timing_rounds} for label, c in calls.items()}
 
 
 def main() -> None:
@@ -88,7 +123,7 @@ def main() -> None:
     ctx = init_distributed(args.device)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}  # training seconds per stage, or 'reused'
 
     if args.vae is None:
         cfg = preset(args.preset)
@@ -96,10 +131,8 @@ def main() -> None:
             cfg.train, dataset="mnist", max_steps=args.vae_steps, batch_size=args.vae_batch, seed=args.seed,
             eval_batches=5, bn_readjust_batches=5, ckpt_every=max(args.vae_steps // 4, 1)))
         seed_everything(args.seed, ctx)
-        t0 = time.perf_counter()
-        vae_path = _stage(out / "vae", "nvae", args.vae_steps,
-                          lambda logger, resume: train_nvae(cfg, ctx, out / "vae", logger, resume))
-        timings["nvae_train_s"] = time.perf_counter() - t0
+        vae_path = _stage(out / "vae", "nvae", cfg.to_json(), args.vae_steps,
+                          lambda logger, resume: train_nvae(cfg, ctx, out / "vae", logger, resume), timings)
     else:
         vae_path = args.vae
     vae, vae_cfg, fingerprint = load_vae_for_stage2(vae_path, ctx.device)
@@ -117,17 +150,15 @@ def main() -> None:
     checkpoints = {}
     for name, run_cfg, train in stages:
         seed_everything(args.seed, ctx)
-        t0 = time.perf_counter()
-        checkpoints[name] = _stage(out / name, name, args.prior_steps, lambda logger, resume, c=run_cfg, f=train, n=name:
-                                   f(c, vae, vae_cfg, ctx, out / n, logger, resume))
-        timings[f"{name}_train_s"] = time.perf_counter() - t0
+        checkpoints[name] = _stage(out / name, name, run_cfg.to_json(), args.prior_steps, lambda logger, resume, c=run_cfg, f=train, n=name:
+                                   f(c, vae, vae_cfg, ctx, out / n, logger, resume), timings)
 
     req = EvalRequest(fid_samples=args.fid_samples, fid_ref_images=args.fid_ref_images,
-                      fid_stats_dir=out / "fid_stats", mmd=True, mmd_samples=args.mmd_samples, timing=True,
-                      timing_batch=args.timing_batch, timing_repeats=3, bn_batches=args.bn_batches, seed=args.seed)
+                      fid_stats_dir=out / "fid_stats", mmd=True, mmd_samples=args.mmd_samples,
+                      bn_batches=args.bn_batches, seed=args.seed)
     res = EvalResources(vae, vae_cfg, ctx.device, req)
     setups = {name: load_for_sampling(path, ctx.device) for name, path in checkpoints.items()}
-    rows: list[tuple[str, object, object]] = [("gaussian", None, None)]
+    rows: list[tuple[str, Any, Any]] = [("gaussian", None, None)]
     evalp_hook, evalp_bn = build_prior(setups["evalp"], "evalp", None, "exact", None, 100)
     rows.append(("evalp", evalp_hook, evalp_bn))
     for m in args.sir:
@@ -143,6 +174,8 @@ def main() -> None:
         t0 = time.perf_counter()
         results[label] = evaluate_prior(res, hook, bn_hook)
         print(f"[eval] {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+    for label, timing in interleaved_timing(rows, vae, args, ctx.device).items():
+        results[label]["timing"] = timing
     base_time = results["gaussian"]["timing"]["seconds_per_image"]
     header = (f"| prior | FID ({args.fid_samples} samples vs {args.fid_ref_images} train) | MMD^2 z_1 (median bw) "
               f"| MMD^2 z_1 (0.5/1/2 bw) | MMD^2 mean over groups (0.5/1/2 bw) | s / image (batch {args.timing_batch}) "
