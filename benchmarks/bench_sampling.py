@@ -2,20 +2,26 @@
 """Generation cost per image: NVAE's Gaussian prior vs EVaLP (sampler only) vs EVaLP + SIR(M).
 
 Prints one table. Ratios are against the Gaussian prior of the same preset at the same batch size,
-measured in the same process; configurations are timed in interleaved rounds (one call of each per
-round) so that load from other users of a shared machine hits all of them alike. Each call is one
-``NVAE.sample(batch, t=1, prior=hook)`` in eval mode: no BN re-adjustment is timed (it is a one-off
-per run, done with the sampler alone). Weights are untrained (timing does not depend on them); the
-sampler's zero-initialised coupling outputs are perturbed so the flow is not the identity.
-"peak MB" is the memory a call needs above what the process held before it: peak RSS on the CPU
-(VmHWM after resetting it through /proc/self/clear_refs), max_memory_allocated on a GPU.
+measured in the same process; the configurations are timed in interleaved rounds (one call of each per
+round, median over rounds) so that load from other users of a shared machine hits all of them alike.
+Each call is one ``NVAE.sample(batch, t=1, prior=hook)`` in eval mode, fp32: no BN re-adjustment is
+timed (it is a one-off per run, done with the sampler alone). Weights are untrained (timing does not
+depend on them); the sampler's zero-initialised coupling outputs are perturbed so that the flow is not
+the identity. EVaLP runs on every group (the default ``--groups all``), SIR on the top group (the
+default ``--sir-groups``) with the default exact weights.
+"peak MB" is what one call needs above what the process held before it: on the CPU the peak RSS of a
+call in a fresh process after one Gaussian-prior call (VmHWM, reset through /proc/self/clear_refs), on a
+GPU max_memory_allocated. ``--clock cpu`` reports process CPU time instead of wall time: on a shared machine
+it is the steadier measure of the work done (use it with ``--threads 1``). Results: docs/benchmarks.md.
 
 Usage: python benchmarks/bench_sampling.py [--presets tiny mnist] [--batch 64 16] [--repeats 5]
-       [--sir 100 1000] [--sir-chunk 100] [--device auto] [--profile]
+       [--sir 100 1000] [--sir-chunk 100] [--threads N] [--clock wall] [--device auto] [--profile]
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import multiprocessing
 import os
 import statistics
 import sys
@@ -33,7 +39,8 @@ from nvae.config import preset  # noqa: E402
 from nvae.hooks import PriorHook  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
 
-TARGETS = {"evalp": 1.10, "sir1000": 3.0}  # from the issue: ratio to the Gaussian prior
+TARGETS = {"evalp": 1.10, "sir1000": 3.0}  # from the issue: seconds per image relative to the Gaussian prior
+DEFAULT_SIR_CHUNK = inspect.signature(EVaLPPrior).parameters["sir_chunk"].default
 
 
 def _sync(device: torch.device) -> None:
@@ -41,7 +48,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _proc_status_mb(field: str) -> float:
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -63,9 +71,9 @@ def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     except OSError:
         return float("nan")
-    before = _proc_status_mb("VmRSS")
+    before = _status_mb("VmRSS")
     fn()
-    return _proc_status_mb("VmHWM") - before
+    return _status_mb("VmHWM") - before
 
 
 def build(name: str, device: torch.device) -> tuple[NVAE, list[int], torch.nn.Module, torch.nn.Module]:
@@ -81,17 +89,29 @@ def build(name: str, device: torch.device) -> tuple[NVAE, list[int], torch.nn.Mo
 
 def configurations(groups: list[int], energies: torch.nn.Module, sampler: torch.nn.Module, sir: list[int],
                    sir_chunk: int) -> dict[str, Optional[PriorHook]]:
-    """Label -> prior hook (None = NVAE's Gaussian prior)."""
+    """Label -> prior hook (None: NVAE's Gaussian prior)."""
     configs: dict[str, Optional[PriorHook]] = {"gaussian": None, "evalp": EVaLPPrior(energies, sampler, groups)}
     for m in sir:
         configs[f"sir{m}"] = EVaLPPrior(energies, sampler, groups, sir_proposals=m, sir_chunk=sir_chunk)
     return configs
 
 
+def cpu_memory_probe(name: str, batch: int, label: str, sir: list[int], sir_chunk: int, threads: int) -> float:
+    """Peak extra RSS (MiB) of one call of one configuration in a fresh process, after a Gaussian-prior
+    call has paid the one-off costs (kernel caches, first-touch of the model)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    vae, groups, energies, sampler = build(name, torch.device("cpu"))
+    hook = configurations(groups, energies, sampler, sir, sir_chunk)[label]
+    vae.sample(batch, 1.0)
+    return peak_extra_mb(lambda: vae.sample(batch, 1.0, prior=hook), torch.device("cpu"))
+
+
 def measure(name: str, batch: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, object]]:
     """Seconds per image (median over rounds) and peak extra memory of every configuration."""
     vae, groups, energies, sampler = build(name, device)
     configs = configurations(groups, energies, sampler, args.sir, args.sir_chunk)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     def call(hook: Optional[PriorHook]) -> None:
         vae.sample(batch, 1.0, prior=hook)
@@ -100,60 +120,77 @@ def measure(name: str, batch: int, args: argparse.Namespace, device: torch.devic
     times: dict[str, list[float]] = {label: [] for label in configs}
     for round_index in range(args.warmup + args.repeats):
         for label, hook in configs.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             call(hook)
             if round_index >= args.warmup:
-                times[label].append(time.perf_counter() - t0)
-    rows = []
-    for label, hook in configs.items():
-        rows.append({"preset": name, "batch": batch, "prior": label, "groups": len(groups),
-                     "s_per_image": statistics.median(times[label]) / batch,
-                     "peak_mb": peak_extra_mb(lambda: call(hook), device) if args.memory else float("nan")})
+                times[label].append(clock() - t0)
+    peaks = {label: float("nan") for label in configs}
+    if args.memory and device.type == "cuda":
+        peaks = {label: peak_extra_mb(lambda: call(hook), device) for label, hook in configs.items()}
+    elif args.memory:
+        # One fresh process per configuration: RSS in this one depends on what ran before.
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            peaks = {label: pool.apply(cpu_memory_probe, (name, batch, label, args.sir, args.sir_chunk, args.threads))
+                     for label in configs}
+    rows = [{"preset": name, "batch": batch, "prior": label, "groups": len(groups),
+             "s_per_image": statistics.median(times[label]) / batch, "peak_mb": peaks[label]} for label in configs]
     if args.profile:
-        profile(vae, configs, batch, name)
+        profile(vae, configs, batch, name, device)
     return rows
 
 
-def profile(vae: NVAE, configs: dict[str, Optional[PriorHook]], batch: int, name: str) -> None:
-    """torch.profiler table of one call with the largest SIR setting (operators by self CPU time)."""
+def profile(vae: NVAE, configs: dict[str, Optional[PriorHook]], batch: int, name: str, device: torch.device) -> None:
+    """torch.profiler table of one call with the last (largest) SIR setting, operators by self time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     label = list(configs)[-1]
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities, record_shapes=True) as prof:
         vae.sample(batch, 1.0, prior=configs[label])
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"--- profile: {name}, {label}, batch {batch} ---")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=15, max_name_column_width=30,
+                                                            max_shapes_column_width=60))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=None,
-                        help="default: tiny mnist on the CPU, tiny mnist cifar10 celeba64 on a GPU")
-    parser.add_argument("--batch", nargs="+", type=int, default=[64, 16], help="batch per preset (same order)")
+                        help="default: tiny mnist on the CPU; tiny mnist cifar10 celeba64 on a GPU")
+    parser.add_argument("--batch", nargs="+", type=int, default=[64, 16],
+                        help="batch per preset, same order; the last one repeats (default: 64 16)")
     parser.add_argument("--sir", nargs="+", type=int, default=[100, 1000], help="SIR proposal counts M")
-    parser.add_argument("--sir-chunk", type=int, default=EVaLPPrior.__init__.__defaults__[-1],
-                        help="proposals per item evaluated at once (default: EVaLPPrior's)")
+    parser.add_argument("--sir-chunk", type=int, default=DEFAULT_SIR_CHUNK,
+                        help=f"proposals per item evaluated at once (default: EVaLPPrior's, {DEFAULT_SIR_CHUNK})")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or process CPU time (steadier on a shared machine)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory calls")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per preset")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     presets = args.presets or (["tiny", "mnist", "cifar10", "celeba64"] if device.type == "cuda" else ["tiny", "mnist"])
     batches = args.batch + [args.batch[-1]] * max(0, len(presets) - len(args.batch))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; fp32, t=1, no BN re-adjustment timed; "
-          f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; sir chunk {args.sir_chunk}")
-    print(f"{'preset':<10}{'batch':>6}{'groups':>7}{'prior':>10}{'s/image':>11}{'vs gauss':>10}{'target':>8}{'peak MB':>10}")
+    print(f"device: {name}; torch {torch.__version__}; fp32, t=1, eval mode, no BN re-adjustment timed; "
+          f"{args.clock} clock, median of {args.repeats} interleaved rounds after {args.warmup} warm-up; "
+          f"--sir-chunk {args.sir_chunk}")
+    print(f"{'preset':<10}{'batch':>6}{'groups':>7}{'prior':>10}{'s/image':>11}{'vs gauss':>10}{'target':>8}{'peak MB':>9}")
     for preset_name, batch in zip(presets, batches):
         rows = measure(preset_name, batch, args, device)
-        base = rows[0]["s_per_image"]
+        base = float(rows[0]["s_per_image"])
         for r in rows:
             target = TARGETS.get(str(r["prior"]))
             print(f"{r['preset']:<10}{r['batch']:>6}{r['groups']:>7}{r['prior']:>10}{r['s_per_image']:>11.5f}"
-                  f"{r['s_per_image'] / base:>9.2f}x{(f'{target:.2f}x' if target else ''):>8}{r['peak_mb']:>10.1f}")
+                  f"{float(r['s_per_image']) / base:>9.2f}x{(f'{target:.2f}x' if target else ''):>8}"
+                  f"{r['peak_mb']:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

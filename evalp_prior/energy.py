@@ -14,8 +14,6 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from nvae.hooks import GroupSpec
 
-from .sampler import _apply
-
 
 def _maybe_sn(layer: nn.Module, enabled: bool) -> nn.Module:
     """Wrap ``layer`` in a spectral-norm parametrisation when ``enabled``."""
@@ -46,14 +44,14 @@ class GroupEnergy(nn.Module):
 
     def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Energies of z (B, C_z, H, W) given context h (B, C_h, H, W); returns (B,) float32."""
-        return self.conditioned(h)(z)
+        features = self.body(torch.cat([z, self.context(h).to(z.dtype)], dim=1))  # (B, hidden, H, W)
+        # Mean pool keeps the energy's scale independent of the group's resolution.
+        return self.head(features.mean(dim=(2, 3))).squeeze(1).float()
 
     def conditioned(self, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """z -> E(z, h) for z of shape (k * B, C_z, H, W) whose row j * B + i belongs to item i of h.
-
-        The first conv is linear in cat(z, context(h)), so its context half (and the bias) is computed
-        once per item and broadcast over the k proposals that share h (SIR), never repeated k times.
-        """
+        """z -> E(z, h) (``forward``) for z of shape (k * B, C_z, H, W) whose row j * B + i belongs to
+        item i of h: the first conv is linear in cat(z, context(h)), so its context half (bias included)
+        is computed once per item and broadcast over the k proposals that share h, never repeated."""
         first = self.body[0]
         weight = first.weight  # read once: a spectral-norm parametrisation recomputes it on every read
         c_z = weight.shape[1] - self.context.out_channels
@@ -65,8 +63,7 @@ class GroupEnergy(nn.Module):
             features = F.conv2d(z, weight[:, :c_z], None, first.stride, first.padding)  # (k * B, hidden, H, W)
             features = features.unflatten(0, (-1, batch)).add_(term.to(features.dtype)).flatten(0, 1)
             for layer in tuple(self.body)[1:]:
-                features = _apply(layer, features)  # (k * B, hidden, H, W)
-            # Mean pool keeps the energy's scale independent of the group's resolution.
+                features = layer(features)  # (k * B, hidden, H, W)
             return self.head(features.mean(dim=(2, 3))).squeeze(1).float()
 
         return energy

@@ -10,6 +10,11 @@ from evalp_prior.sampler import SharedFlowSampler, standard_normal_log_prob
 from evalp_prior.sir import SIR_WEIGHTS, sir_log_weight, sir_select
 
 
+# On the CPU, SIR evaluates at most this many latent positions (rows x H x W) at once: about 16k kept the
+# chunk's activations in cache and was fastest on the tiny and mnist presets (docs/benchmarks.md).
+CPU_POSITIONS_PER_CHUNK = 16384
+
+
 class EVaLPPrior:
     """Implements nvae.hooks.PriorHook: EVaLP groups draw from the sampler (optionally with SIR over
     M proposals sharing h_l), the other groups are left to NVAE.
@@ -60,21 +65,24 @@ class EVaLPPrior:
     def _sir(
         self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        """SIR over ``sir_proposals`` sampler draws per item, evaluated ``sir_chunk`` per item at a time.
+        """SIR over ``sir_proposals`` sampler draws per item, evaluated at most ``sir_chunk`` per item at a time.
 
         Everything that depends on h alone (the flow's and the energy's context layers) is computed once
         per item and broadcast over the item's proposals; a chunk holds k proposals per item in rows
-        j * batch + i, and only (k, batch)-sized draws, flows and energies are ever materialised.
+        j * batch + i, and only (k * batch)-row draws, flows and energies are ever materialised.
         """
         batch, shape = mu_p.shape[0], mu_p.shape[1:]
-        terms = self.sampler.condition(h, group)
+        chunk = self.sir_chunk
+        if mu_p.device.type == "cpu":
+            chunk = min(chunk, max(1, CPU_POSITIONS_PER_CHUNK // (batch * shape[-2] * shape[-1])))
+        cond = self.sampler.condition(h, group)
         energy_of = self._conditioned_energy(group, h)
         scale = temperature * sigma_p  # the sampler's tempered base N(mu_p, scale^2)
 
         def propose(k: int) -> tuple[torch.Tensor, ...]:
             """k sampler draws per item (k, batch, C, H, W), with log p0 and log q (k, batch) for exact weights."""
-            eps = torch.randn((k * batch, *shape), dtype=mu_p.dtype, device=mu_p.device).contiguous(memory_format=torch.channels_last)
-            u, logdet = self.sampler.flow_conditioned(eps, terms)  # (k * batch, C, H, W), (k * batch,)
+            eps = torch.randn((k * batch, *shape), dtype=mu_p.dtype, device=mu_p.device)
+            u, logdet = self.sampler.flow_conditioned(eps, cond)  # (k * batch, C, H, W), (k * batch,)
             z = mu_p + scale * u.view(k, batch, *shape)
             if self.sir_weights != "exact":
                 return (z,)
@@ -89,7 +97,7 @@ class EVaLPPrior:
             energy = energy_of(z.flatten(0, 1)).view(z.shape[0], batch)
             return sir_log_weight(self.sir_weights, energy, *densities)
 
-        (z, *_), _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, batch)
+        (z, *_), _ = sir_select(propose, log_weight, self.sir_proposals, chunk, batch)
         return z
 
     def _conditioned_energy(self, group: int, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

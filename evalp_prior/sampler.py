@@ -7,7 +7,7 @@ density log q_alpha(z_l | h_l) = log N(eps) - log|det df/deps| - sum log sigma_l
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,6 @@ def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _apply(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), with SiLU in place when no autograd graph records x: at generation every fresh
-    (chunk x hidden) activation buffer costs page faults, which showed up as a third of SIR's time."""
-    if isinstance(layer, nn.SiLU) and not (torch.is_grad_enabled() and x.requires_grad):
-        return F.silu(x, inplace=True)
-    return layer(x)
-
-
 def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
     """sum over (C, H, W) of log N(x; 0, 1), (B,) in at least float32."""
     x = _at_least_f32(x)
@@ -43,13 +35,21 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) ->
     return standard_normal_log_prob((z - mu) / sigma) - sigma.log().flatten(1).sum(1)
 
 
+# How a coupling's conditioner sees its conditioning, one of the two set: (features, None) concatenates
+# the conditioning features (B, cond_channels, H, W) with the coupling's input half before the first
+# conv; (None, term) adds term, that conv already applied to the features (bias included), to the conv
+# of the input half alone, broadcast over k rows per item (row j * B + i uses term[i]).
+CouplingCondition = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
 class AffineCoupling(nn.Module):
     """Affine coupling on channel halves: x_b -> x_b * exp(log_s) + t with (log_s, t) = NN(x_a, cond).
 
     log_s = bound * tanh(raw / bound) keeps scales in [exp(-bound), exp(bound)]; the last conditioner
     layer is zero-initialised so the coupling is exactly the identity (log-det exactly 0) at init.
-    The conditioner's first layer is linear in cat(x_a, cond): its cond half (``term``, from
-    SharedFlowSampler.condition) is computed once per item and broadcast over the rows of x_a.
+    cond = (context features, group embedding) enters only the first conv, which is linear in
+    cat(x_a, cond): SharedFlowSampler hands each part in as a CouplingCondition, either concatenated
+    or already convolved (once per item, then shared by all of the item's draws).
     """
 
     def __init__(self, channels: int, cond_channels: int, hidden: int, flip: bool, bound: float) -> None:
@@ -79,29 +79,31 @@ class AffineCoupling(nn.Module):
         """Inverse of ``_halves``."""
         return torch.cat([x_out, x_cond] if self.flip else [x_cond, x_out], dim=1)
 
-    def _params(self, x_cond: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log_s, t) in the dtype of x_cond (at least float32), whatever autocast ran the net in.
-
-        x_cond holds k rows per item (row j * B + i is item i); term (B, hidden, H, W) is shared by them.
-        """
-        first = self.net[0]
-        a = F.conv2d(x_cond, first.weight[:, : self.n_cond], None, first.stride, first.padding)  # (k * B, hidden, H, W)
-        a = a.unflatten(0, (-1, term.shape[0])).add_(term.to(a.dtype)).flatten(0, 1)
+    def _params(self, x_cond: torch.Tensor, cond: CouplingCondition) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_s, t) in the dtype of x_cond (at least float32), whatever autocast ran the net in."""
+        features, term = cond
+        if term is None:
+            assert features is not None
+            a = self.net[0](torch.cat([x_cond, features.to(x_cond.dtype)], dim=1))
+        else:
+            first = self.net[0]
+            a = F.conv2d(x_cond, first.weight[:, : self.n_cond], None, first.stride, first.padding)  # (rows, hidden, H, W)
+            a = a.unflatten(0, (-1, term.shape[0])).add_(term.to(a.dtype)).flatten(0, 1)
         for layer in tuple(self.net)[1:]:
-            a = _apply(layer, a)
+            a = layer(a)
         raw_log_s, t = a.to(x_cond.dtype).chunk(2, dim=1)
         return self.bound * torch.tanh(raw_log_s / self.bound), t
 
-    def forward(self, x: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cond: CouplingCondition) -> tuple[torch.Tensor, torch.Tensor]:
         """y = coupling(x) and log|det dy/dx| (rows of x,)."""
         x_cond, x_out = self._halves(x)
-        log_s, t = self._params(x_cond, term)
+        log_s, t = self._params(x_cond, cond)
         return self._join(x_cond, x_out * log_s.exp() + t), log_s.flatten(1).sum(1)
 
-    def inverse(self, y: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y: torch.Tensor, cond: CouplingCondition) -> tuple[torch.Tensor, torch.Tensor]:
         """x = coupling^{-1}(y) and log|det dx/dy| (rows of y,)."""
         y_cond, y_out = self._halves(y)
-        log_s, t = self._params(y_cond, term)
+        log_s, t = self._params(y_cond, cond)
         return self._join(y_cond, (y_out - t) * (-log_s).exp()), -log_s.flatten(1).sum(1)
 
 
@@ -158,48 +160,61 @@ class SharedFlowSampler(nn.Module):
             for k in range(num_couplings)
         )
 
-    def condition(self, h: torch.Tensor, group: int) -> list[torch.Tensor]:
-        """Per coupling, its conditioner's first layer applied to (1x1 projection of h, group embedding),
-        bias included: (B, hidden, H, W) each, shared by every flow evaluation of the same items.
-
-        One conv for all couplings (their weights stacked); the spatially constant embedding goes
-        through it once, not once per item.
-        """
+    def _context(self, h: torch.Tensor, group: int) -> torch.Tensor:
+        """The 1x1 projection of h for the group's scale, (B, hidden, H, W)."""
         if group not in self._row:
             raise KeyError(f"group {group} is not sampled by this flow; its groups are {self.groups}")
-        ctx = self.context[str(self._scale[group])](h)  # (B, hidden, H, W)
-        firsts = [(c.n_cond, c.net[0]) for c in self.couplings]
-        n_ctx, pad = ctx.shape[1], firsts[0][1].padding
-        weights = [(n, conv.weight) for n, conv in firsts]
+        return self.context[str(self._scale[group])](h)
+
+    def _embedding_map(self, group: int, like: torch.Tensor, batch: int) -> torch.Tensor:
+        """The group embedding broadcast to (batch, embed_dim, H, W) in like's dtype and size."""
+        emb = self.embedding.weight[self._row[group]].to(like.dtype)  # (embed_dim,)
+        return emb.view(1, -1, 1, 1).expand(batch, -1, like.shape[2], like.shape[3])
+
+    def _condition(self, h: torch.Tensor, group: int) -> list[CouplingCondition]:
+        """Conditioning for one draw per item: features cat(context, embedding), concatenated with each
+        coupling's input half (one conv per coupling: the fastest form for a single draw)."""
+        ctx = self._context(h, group)
+        features = torch.cat([ctx, self._embedding_map(group, ctx, ctx.shape[0])], dim=1)
+        return [(features, None)] * len(self.couplings)
+
+    def condition(self, h: torch.Tensor, group: int) -> list[CouplingCondition]:
+        """Conditioning for many draws per item (``flow_conditioned``, SIR): each coupling's first conv
+        applied once per item to the conditioning features, so that a draw pays only for the conv of its
+        input half. One conv for all couplings (weight slices stacked); the spatially constant embedding
+        goes through it at batch size 1."""
+        ctx = self._context(h, group)
+        n_ctx, pad = ctx.shape[1], self.couplings[0].net[0].padding
+        weights = [(c.n_cond, c.net[0].weight) for c in self.couplings]
         w_ctx = torch.cat([w[:, n : n + n_ctx] for n, w in weights])  # (K * hidden, hidden, 3, 3)
         w_emb = torch.cat([w[:, n + n_ctx :] for n, w in weights])  # (K * hidden, embed_dim, 3, 3)
-        bias = torch.cat([conv.bias for _, conv in firsts])
-        emb = self.embedding.weight[self._row[group]].to(ctx.dtype)  # (embed_dim,)
-        emb = emb.view(1, -1, 1, 1).expand(1, -1, ctx.shape[2], ctx.shape[3])
-        terms = F.conv2d(ctx, w_ctx, None, 1, pad) + F.conv2d(emb, w_emb, bias, 1, pad)  # (B, K * hidden, H, W)
-        return list(terms.split([conv.out_channels for _, conv in firsts], dim=1))
+        bias = torch.cat([c.net[0].bias for c in self.couplings])
+        terms = F.conv2d(ctx, w_ctx, None, 1, pad) + F.conv2d(self._embedding_map(group, ctx, 1), w_emb, bias, 1, pad)
+        return [(None, term) for term in terms.split([w.shape[0] for _, w in weights], dim=1)]  # (B, hidden, H, W) each
 
-    def flow_conditioned(self, eps: torch.Tensor, terms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """u = f(eps) and log|det du/deps| (rows,) for eps (k * B, C, H, W) whose row j * B + i is a
-        draw for item i, given ``condition``'s terms for the B items; both in at least float32."""
+    def flow_conditioned(
+        self, eps: torch.Tensor, cond: Sequence[CouplingCondition]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u = f(eps) and log|det du/deps| (rows,), both in at least float32, for eps (k * B, C, H, W)
+        holding k draws per item (row j * B + i is item i) and ``condition``'s output for the B items."""
         x = _at_least_f32(eps)
         logdet = x.new_zeros(x.shape[0])
-        for coupling, term in zip(self.couplings, terms):
-            x, ld = coupling(x, term)
+        for coupling, c in zip(self.couplings, cond):
+            x, ld = coupling(x, c)
             logdet = logdet + ld
         return x, logdet
 
     def flow(self, eps: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """u = f(eps; h, group) and log|det du/deps| (B,), both in at least float32."""
-        return self.flow_conditioned(eps, self.condition(h, group))
+        return self.flow_conditioned(eps, self._condition(h, group))
 
     def inverse(self, u: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eps = f^{-1}(u; h, group) and log|det deps/du| (B,), both in at least float32."""
-        terms = self.condition(h, group)
+        cond = self._condition(h, group)
         x = _at_least_f32(u)
         logdet = x.new_zeros(x.shape[0])
-        for coupling, term in zip(reversed(self.couplings), reversed(terms)):
-            x, ld = coupling.inverse(x, term)
+        for coupling, c in zip(reversed(self.couplings), reversed(cond)):
+            x, ld = coupling.inverse(x, c)
             logdet = logdet + ld
         return x, logdet
 

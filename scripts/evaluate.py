@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt of kind nvae, evalp, langevin or ncp")
-    io.add_argument("--out", type=Path, default=None, help="JSON report (default: CHECKPOINT_DIR/eval_<prior>.json)")
+    io.add_argument("--out", type=Path, default=None, help="JSON report (default: CHECKPOINT_DIR/eval_<prior label>.json, e.g. eval_evalp+sir100.json)")
     io.add_argument("--device", default="auto", help="auto | cpu | cuda")
     prior = parser.add_argument_group("prior")
     prior.add_argument("--prior", choices=("gaussian", "evalp", "langevin", "ncp"), default=None,

@@ -221,3 +221,33 @@ def test_gaussian_log_prob_matches_torch():
     expected = torch.distributions.Normal(mu, sigma).log_prob(z).flatten(1).sum(1)
     torch.testing.assert_close(gaussian_log_prob(z, mu, sigma), expected)
     assert math.isfinite(gaussian_log_prob(z.half(), mu.half(), sigma.half()).sum().item())
+
+
+def test_flow_with_per_item_conditioning_equals_repeated_contexts():
+    # SIR's path: the conditioning is computed once per item and broadcast over k draws per item.
+    sampler = _randomised_sampler()
+    k = 3
+    for group in (0, 2):
+        _, _, h = _inputs(SPECS[group], 4, torch.float64, seed=group)
+        eps = torch.randn(k * 4, *SPECS[group].shape, dtype=torch.float64)  # row j * 4 + i: item i
+        u, logdet = sampler.flow_conditioned(eps, sampler.condition(h, group))
+        expected_u, expected_logdet = sampler.flow(eps, h.repeat(k, 1, 1, 1), group)
+        assert logdet.abs().max() > 0.1
+        torch.testing.assert_close(u, expected_u, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(logdet, expected_logdet, rtol=1e-12, atol=1e-12)
+    with pytest.raises(KeyError):
+        SharedFlowSampler(SPECS, [0], hidden=8).condition(h, 2)
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_energy_with_per_item_conditioning_equals_repeated_contexts(spectral_norm):
+    torch.manual_seed(0)
+    energies = EnergySet(SPECS, [0, 2], hidden=8, spectral_norm=spectral_norm).double().eval()
+    k = 5
+    for group in (0, 2):
+        _, _, h = _inputs(SPECS[group], 3, torch.float64, seed=group)
+        z = torch.randn(k * 3, *SPECS[group].shape, dtype=torch.float64)
+        expected = energies(group, z, h.repeat(k, 1, 1, 1))
+        torch.testing.assert_close(energies.conditioned(group, h)(z), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(KeyError):
+        energies.conditioned(1, h)

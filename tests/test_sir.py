@@ -5,7 +5,7 @@ from scipy import stats
 
 from evalp_prior.energy import EnergySet
 from evalp_prior.prior import EVaLPPrior
-from evalp_prior.sampler import SharedFlowSampler
+from evalp_prior.sampler import SharedFlowSampler, gaussian_log_prob
 from evalp_prior.sir import sir_log_weight, sir_select
 from nvae.hooks import GroupSpec, PriorHook
 
@@ -144,3 +144,68 @@ def test_prior_hook_validates_options():
         _prior(sir_groups=[2])
     with pytest.raises(ValueError):
         _prior(sir_weights="uniform")
+
+
+def _randomised_flow(specs, groups, scale: float = 0.3) -> SharedFlowSampler:
+    """A float64 sampler whose zero-initialised coupling outputs are randomised (not the identity)."""
+    torch.manual_seed(0)
+    sampler = SharedFlowSampler(specs, groups, hidden=8).double()
+    with torch.no_grad():
+        for coupling in sampler.couplings:
+            coupling.net[-1].weight.normal_(0, scale)
+            coupling.net[-1].bias.normal_(0, scale)
+    return sampler
+
+
+def test_prior_hook_sir_corrects_a_non_identity_sampler():
+    # Zero energy: the exact weights p0 / q must turn draws of a distorted flow back into p0 = N(mu, sigma^2)
+    # (this checks the log-density bookkeeping of the per-item-conditioned SIR path, chunked on the CPU).
+    specs = [GroupSpec(0, 0, 2, 1, 1, 3)]
+    sampler = _randomised_flow(specs, [0], scale=0.1)  # distorted, yet with tails that cover p0's
+    energies = EnergySet(specs, [0], hidden=8).double()
+    torch.nn.init.zeros_(energies.nets["group0"].head[-1].weight)
+    torch.nn.init.zeros_(energies.nets["group0"].head[-1].bias)
+    batch = 2000
+    mu = torch.linspace(-2, 2, batch, dtype=torch.float64).view(batch, 1, 1, 1).expand(-1, 2, -1, -1)
+    sigma = torch.linspace(0.5, 1.5, batch, dtype=torch.float64).view(batch, 1, 1, 1).expand(-1, 2, -1, -1)
+    h = torch.randn(batch, 3, 1, 1, dtype=torch.float64)
+    torch.manual_seed(1)
+    raw = EVaLPPrior(energies, sampler, [0]).sample_group(0, h, mu, sigma, 0.8)
+    assert stats.kstest(((raw - mu) / (0.8 * sigma)).flatten().numpy(), "norm").statistic > 0.05
+    z = EVaLPPrior(energies, sampler, [0], sir_proposals=200).sample_group(0, h, mu, sigma, 0.8)
+    assert stats.kstest(((z - mu) / (0.8 * sigma)).flatten().numpy(), "norm").pvalue > 0.01
+
+
+@pytest.mark.parametrize("weights", ["exact", "energy"])
+def test_prior_hook_sir_picks_what_repeated_contexts_pick(weights):
+    # The per-item conditioning is an exact rewrite: with the same random stream, SIR must choose the
+    # same proposals as evaluating the sampler and the energy on h repeated for every proposal.
+    sampler = _randomised_flow(SPECS, [0, 1])
+    energies = EnergySet(SPECS, [0, 1], hidden=8).double()
+    batch, proposals, chunk, t = 5, 23, 7, 0.9
+    mu, sigma = torch.randn(batch, 4, 3, 3, dtype=torch.float64), torch.rand(batch, 4, 3, 3, dtype=torch.float64) + 0.5
+    h = torch.randn(batch, 5, 3, 3, dtype=torch.float64)
+
+    def repeat(x, k):
+        return x.repeat(k, 1, 1, 1)
+
+    def propose(k):
+        z, log_q = sampler(repeat(mu, k), repeat(sigma, k), repeat(h, k), 1, t)
+        return z.view(k, batch, 4, 3, 3), log_q.view(k, batch)
+
+    def log_weight(z, log_q):
+        k = z.shape[0]
+        energy = energies(1, z.flatten(0, 1), repeat(h, k)).view(k, batch)
+        log_p0 = gaussian_log_prob(z.flatten(0, 1), repeat(mu, k), t * repeat(sigma, k)).view(k, batch)
+        return sir_log_weight(weights, energy, log_p0, log_q)
+
+    torch.manual_seed(5)
+    with torch.no_grad():
+        (expected, _), _ = sir_select(propose, log_weight, proposals, chunk, batch)
+    prior = EVaLPPrior(energies, sampler, [0, 1], sir_proposals=proposals, sir_weights=weights,
+                       sir_groups=[1], sir_chunk=chunk)
+    torch.manual_seed(5)
+    z = prior.sample_group(1, h, mu, sigma, t)
+    torch.testing.assert_close(z, expected, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(6)
+    assert not torch.allclose(prior.sample_group(1, h, mu, sigma, t), expected)  # the draw is random
