@@ -8,14 +8,14 @@ Each call is one ``NVAE.sample(batch, t=1, prior=hook)`` in eval mode, fp32: no 
 timed (it is a one-off per run, done with the sampler alone). Weights are untrained (timing does not
 depend on them); the sampler's zero-initialised coupling outputs are perturbed so that the flow is not
 the identity. EVaLP runs on every group (the default ``--groups all``), SIR on the top group (the
-default ``--sir-groups``) with the default exact weights.
+default ``--sir-groups``) with the default exact weights; ``--groups top`` gives the published setting.
 "peak MB" is what one call needs above what the process held before it: on the CPU the peak RSS of a
 call in a fresh process after one Gaussian-prior call (VmHWM, reset through /proc/self/clear_refs), on a
 GPU max_memory_allocated. ``--clock cpu`` reports process CPU time instead of wall time: on a shared machine
 it is the steadier measure of the work done (use it with ``--threads 1``). Results: docs/benchmarks.md.
 
 Usage: python benchmarks/bench_sampling.py [--presets tiny mnist] [--batch 64 16] [--repeats 5]
-       [--sir 100 1000] [--sir-chunk 100] [--threads N] [--clock wall] [--device auto] [--profile]
+       [--groups all] [--sir 100 1000] [--sir-chunk 100] [--threads N] [--clock wall] [--device auto] [--profile]
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from typing import Callable, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from evalp_prior.config import EVaLPConfig  # noqa: E402
 from evalp_prior.prior import EVaLPPrior  # noqa: E402
@@ -76,15 +77,24 @@ def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
     return _status_mb("VmHWM") - before
 
 
-def build(name: str, device: torch.device) -> tuple[NVAE, list[int], torch.nn.Module, torch.nn.Module]:
-    """Untrained NVAE of the preset (eval mode) with EVaLP modules on every group (the default config)."""
+def build(name: str, groups_flag: str, device: torch.device) -> tuple[NVAE, list[int], torch.nn.Module, torch.nn.Module]:
+    """Untrained NVAE of the preset (eval mode, no gradients) with EVaLP modules of the default config
+    on the groups ``groups_flag`` selects."""
     torch.manual_seed(0)
-    vae = NVAE(preset(name).model).to(device).eval()
-    groups, energies, sampler = build_prior_modules(EVaLPConfig(), vae)
+    vae = NVAE(preset(name).model).to(device).eval().requires_grad_(False)
+    groups, energies, sampler = build_prior_modules(EVaLPConfig(groups=groups_flag), vae)
     with torch.no_grad():
         for coupling in sampler.couplings:  # as after training: a non-identity flow
             coupling.net[-1].weight.normal_(0, 0.05)
-    return vae, groups, energies.to(device).eval(), sampler.to(device).eval()
+    energies, sampler = energies.to(device).eval().requires_grad_(False), sampler.to(device).eval().requires_grad_(False)
+    return vae, groups, energies, sampler
+
+
+def gflop_per_image(fn: Callable[[], object], batch: int) -> float:
+    """Floating-point operations of fn() (convolutions and matrix products, as torch counts them) per image."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / batch / 1e9
 
 
 def configurations(groups: list[int], energies: torch.nn.Module, sampler: torch.nn.Module, sir: list[int],
@@ -96,20 +106,21 @@ def configurations(groups: list[int], energies: torch.nn.Module, sampler: torch.
     return configs
 
 
-def cpu_memory_probe(name: str, batch: int, label: str, sir: list[int], sir_chunk: int, threads: int) -> float:
+def cpu_memory_probe(name: str, groups_flag: str, batch: int, label: str, sir: list[int], sir_chunk: int,
+                     threads: int) -> float:
     """Peak extra RSS (MiB) of one call of one configuration in a fresh process, after a Gaussian-prior
     call has paid the one-off costs (kernel caches, first-touch of the model)."""
     if threads > 0:
         torch.set_num_threads(threads)
-    vae, groups, energies, sampler = build(name, torch.device("cpu"))
+    vae, groups, energies, sampler = build(name, groups_flag, torch.device("cpu"))
     hook = configurations(groups, energies, sampler, sir, sir_chunk)[label]
     vae.sample(batch, 1.0)
     return peak_extra_mb(lambda: vae.sample(batch, 1.0, prior=hook), torch.device("cpu"))
 
 
 def measure(name: str, batch: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, object]]:
-    """Seconds per image (median over rounds) and peak extra memory of every configuration."""
-    vae, groups, energies, sampler = build(name, device)
+    """Seconds per image (median over rounds), GFLOP per image and peak extra memory of every configuration."""
+    vae, groups, energies, sampler = build(name, args.groups, device)
     configs = configurations(groups, energies, sampler, args.sir, args.sir_chunk)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -130,10 +141,12 @@ def measure(name: str, batch: int, args: argparse.Namespace, device: torch.devic
     elif args.memory:
         # One fresh process per configuration: RSS in this one depends on what ran before.
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-            peaks = {label: pool.apply(cpu_memory_probe, (name, batch, label, args.sir, args.sir_chunk, args.threads))
+            peaks = {label: pool.apply(cpu_memory_probe, (name, args.groups, batch, label, args.sir, args.sir_chunk,
+                                                          args.threads))
                      for label in configs}
     rows = [{"preset": name, "batch": batch, "prior": label, "groups": len(groups),
-             "s_per_image": statistics.median(times[label]) / batch, "peak_mb": peaks[label]} for label in configs]
+             "s_per_image": statistics.median(times[label]) / batch, "gflop": gflop_per_image(lambda: call(hook), batch),
+             "peak_mb": peaks[label]} for label, hook in configs.items()]
     if args.profile:
         profile(vae, configs, batch, name, device)
     return rows
@@ -160,6 +173,7 @@ def main() -> None:
                         help="default: tiny mnist on the CPU; tiny mnist cifar10 celeba64 on a GPU")
     parser.add_argument("--batch", nargs="+", type=int, default=[64, 16],
                         help="batch per preset, same order; the last one repeats (default: 64 16)")
+    parser.add_argument("--groups", default="all", help="EVaLP groups: all (the default) | top (the published setting) | LIST")
     parser.add_argument("--sir", nargs="+", type=int, default=[100, 1000], help="SIR proposal counts M")
     parser.add_argument("--sir-chunk", type=int, default=DEFAULT_SIR_CHUNK,
                         help=f"proposals per item evaluated at once (default: EVaLPPrior's, {DEFAULT_SIR_CHUNK})")
@@ -181,16 +195,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; fp32, t=1, eval mode, no BN re-adjustment timed; "
           f"{args.clock} clock, median of {args.repeats} interleaved rounds after {args.warmup} warm-up; "
-          f"--sir-chunk {args.sir_chunk}")
-    print(f"{'preset':<10}{'batch':>6}{'groups':>7}{'prior':>10}{'s/image':>11}{'vs gauss':>10}{'target':>8}{'peak MB':>9}")
+          f"--groups {args.groups}, --sir-chunk {args.sir_chunk}; FLOPs as torch.utils.flop_counter counts them")
+    print(f"{'preset':<10}{'batch':>6}{'groups':>7}{'prior':>10}{'s/image':>11}{'vs gauss':>10}{'target':>8}"
+          f"{'GFLOP/img':>11}{'vs gauss':>10}{'peak MB':>9}")
     for preset_name, batch in zip(presets, batches):
         rows = measure(preset_name, batch, args, device)
-        base = float(rows[0]["s_per_image"])
+        base, base_flop = float(rows[0]["s_per_image"]), float(rows[0]["gflop"])
         for r in rows:
             target = TARGETS.get(str(r["prior"]))
             print(f"{r['preset']:<10}{r['batch']:>6}{r['groups']:>7}{r['prior']:>10}{r['s_per_image']:>11.5f}"
                   f"{float(r['s_per_image']) / base:>9.2f}x{(f'{target:.2f}x' if target else ''):>8}"
-                  f"{r['peak_mb']:>9.1f}", flush=True)
+                  f"{r['gflop']:>11.3f}{float(r['gflop']) / base_flop:>9.2f}x{r['peak_mb']:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

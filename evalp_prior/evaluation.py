@@ -24,7 +24,7 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ from nvae.hooks import PriorHook
 from nvae.model import NVAE
 from nvae.train import binarize_if_needed
 
-from .generation import SamplingSetup, build_prior, default_prior, load_for_sampling
+from .generation import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SamplingSetup, build_prior, default_prior,
+                         describe_prior, load_for_sampling, sir_proposals)
 from .metrics.fid import InceptionFeatures, fid_from_images, reference_stats
 from .metrics.mmd import posterior_bandwidth, prior_hole_mmd
 from .metrics.nll import dataset_nll
@@ -66,9 +67,9 @@ class EvalRequest:
     timing_batch: int = 64
     timing_repeats: int = 5
     sir: Optional[int] = None
-    sir_weights: str = "exact"
-    sir_groups: Optional[list[int]] = None
-    sir_chunk: int = 100
+    sir_weights: str = DEFAULT_SIR_WEIGHTS
+    sir_groups: Optional[Union[list[int], str]] = None  # None, 'all' or group indices (generation.parse_sir_groups)
+    sir_chunk: int = DEFAULT_SIR_CHUNK
     langevin_steps: Optional[int] = None
     langevin_step_size: Optional[float] = None
     temperature: float = 1.0
@@ -226,7 +227,7 @@ def evaluate_prior(res: EvalResources, prior: Optional[PriorHook], bn_prior: Opt
 
 
 def prior_label(prior: str, sir: Optional[int]) -> str:
-    """A short name for tables, e.g. 'evalp+sir1000'."""
+    """A short name for report files and comparisons, e.g. 'evalp+sir1000'."""
     return f"{prior}+sir{sir}" if sir and sir > 1 and prior in ("evalp", "ncp") else prior
 
 
@@ -237,10 +238,7 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
     prior_name = req.prior or default_prior(setup)
     prior, bn_prior = build_prior(setup, prior_name, req.sir, req.sir_weights, req.sir_groups, req.sir_chunk,
                                   langevin_steps=req.langevin_steps, langevin_step_size=req.langevin_step_size)
-    if prior_name == "ncp" and req.sir is None:
-        sir = setup.ncp.base.run_cfg.prior.sir_proposals
-    else:
-        sir = req.sir
+    sir = sir_proposals(prior)
     assert setup.vae_cfg is not None
     res = EvalResources(setup.vae, setup.vae_cfg, device, req)
     metrics = evaluate_prior(res, prior, bn_prior)
@@ -251,14 +249,14 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
                           "prior": "gaussian (the NVAE's own; EBM normalisers are intractable)"}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
     return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name, "label": prior_label(prior_name, sir),
-            "sir": sir, "dataset": setup.vae_cfg.train.dataset, "device": str(device), "request": settings,
-            "metrics": metrics}
+            "description": describe_prior(prior_name, prior), "sir": sir, "dataset": setup.vae_cfg.train.dataset,
+            "device": str(device), "request": settings, "metrics": metrics}
 
 
 def format_report(report: dict[str, Any]) -> str:
     """A human-readable table of one report."""
     m = report["metrics"]
-    rows = [("checkpoint", report["checkpoint"]), ("prior", report["label"]), ("data set", report["dataset"])]
+    rows = [("checkpoint", report["checkpoint"]), ("prior", report["description"]), ("data set", report["dataset"])]
     if "fid" in m:
         f = m["fid"]
         rows.append((f"FID ({f['num_samples']} samples vs {f['reference_images']} train)", f"{f['fid']:.2f}"))

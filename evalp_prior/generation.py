@@ -2,11 +2,13 @@
 baseline prior (Langevin-MCMC energy prior, NCP with SIR) fitted to the same frozen NVAE."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,13 +19,16 @@ from nvae.model import NVAE
 from nvae.runtime import CheckpointError, load_checkpoint
 from nvae.train import load_trained_nvae, sample_images
 
-from .baselines.langevin import TrainedLangevin, load_langevin
-from .baselines.ncp import TrainedNCP, load_ncp
+from .baselines.langevin import LangevinPrior, TrainedLangevin, load_langevin
+from .baselines.ncp import NCPPrior, TrainedNCP, load_ncp
+from .prior import EVaLPPrior
 from .sir import SIR_WEIGHTS
 from .train import TrainedEVaLP, load_evalp
 
 PRIORS = ("gaussian", "evalp", "langevin", "ncp")
 CHECKPOINT_KINDS = ("nvae", "evalp", "langevin", "ncp")  # the prior each kind carries is its default
+DEFAULT_SIR_WEIGHTS = "exact"
+DEFAULT_SIR_CHUNK = 100  # proposals per item evaluated at once (a memory bound)
 
 
 @dataclass
@@ -69,11 +74,63 @@ def available_priors(setup: SamplingSetup) -> list[str]:
     return ["gaussian"] + [name for name, trained in carried.items() if trained is not None]
 
 
+def parse_sir_groups(text: Optional[str]) -> Optional[Union[list[int], str]]:
+    """--sir-groups as build_prior takes it: None, 'all', or a list of group indices."""
+    if text is None or text == "all":
+        return text
+    if not re.fullmatch(r"[0-9]+(,[0-9]+)*", text):
+        raise ValueError(f"--sir-groups must be 'all' or comma-separated group indices, got {text!r}")
+    return [int(g) for g in text.split(",")]
+
+
+def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the flags that pick a prior and how it samples, shared by scripts/generate.py and scripts/evaluate.py.
+
+    Three groups: the prior and its sampling (--prior, --temperature, --bn-batches, --seed), SIR (evalp and
+    ncp) and the Langevin chain (langevin only); build_prior refuses the flags the chosen prior would ignore.
+    Returns the first group, for a script's own sampling flags.
+    """
+    sampling = parser.add_argument_group("prior and sampling")
+    sampling.add_argument("--prior", choices=PRIORS, default=None,
+                          help="default: the checkpoint's own (gaussian for stage 1)")
+    sampling.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    sampling.add_argument("--bn-batches", type=int, default=20,
+                          help="BN re-adjustment batches before sampling (0: off)")
+    sampling.add_argument("--seed", type=int, default=0, help="random seed of the draws")
+    sir = parser.add_argument_group("sampling-importance-resampling (evalp and ncp)")
+    sir.add_argument("--sir", type=int, default=None, metavar="M",
+                     help="proposals per draw, e.g. 1000 (evalp: default off; ncp: default the checkpoint's M)")
+    sir.add_argument("--sir-weights", choices=SIR_WEIGHTS, default=DEFAULT_SIR_WEIGHTS,
+                     help="exact: -E + log p0 - log q (towards p_psi); energy: -E (the authors' variant); "
+                          "the same for ncp")
+    sir.add_argument("--sir-groups", default=None,
+                     help="'all' or comma-separated groups (default: evalp the top group, ncp every NCP group)")
+    sir.add_argument("--sir-chunk", type=int, default=DEFAULT_SIR_CHUNK,
+                     help="proposals per draw evaluated at once (memory bound)")
+    chain = parser.add_argument_group("Langevin chain (langevin only)")
+    chain.add_argument("--langevin-steps", type=int, default=None, help="steps K (default: the trained K)")
+    chain.add_argument("--langevin-step-size", type=float, default=None,
+                       help="step size s, noise sqrt(2 s) (default: the trained s)")
+    return sampling
+
+
+def _sir_tuning_flags(sir_weights: str, sir_groups: object, sir_chunk: int) -> list[str]:
+    """The SIR flags set away from their defaults (which a prior that does not resample must refuse)."""
+    given = (("--sir-groups", sir_groups is not None), ("--sir-weights", sir_weights != DEFAULT_SIR_WEIGHTS),
+             ("--sir-chunk", sir_chunk != DEFAULT_SIR_CHUNK))
+    return [flag for flag, is_set in given if is_set]
+
+
 def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int], sir_weights: str,
-                sir_groups: Optional[Sequence[int]], sir_chunk: int, *, langevin_steps: Optional[int] = None,
+                sir_groups: Optional[Union[Sequence[int], str]], sir_chunk: int, *,
+                langevin_steps: Optional[int] = None,
                 langevin_step_size: Optional[float] = None) -> tuple[Optional[PriorHook], Optional[PriorHook]]:
     """(sampling hook, BN re-adjustment hook) for `prior`; checks that the request fits the checkpoint.
 
+    Flags that the chosen prior would ignore are errors: --sir and the SIR settings (--sir-groups, or
+    --sir-weights / --sir-chunk away from their defaults) with gaussian or langevin, or with evalp when
+    --sir is off; --langevin-steps / --langevin-step-size with any prior but langevin (default: the
+    checkpoint's trained K and s). sir_groups 'all' means every group the prior models.
     BN statistics are re-estimated with the EVaLP sampler alone: with SIR they would cost M proposals
     for every re-adjustment image, for a shift in decoder statistics that resampling barely changes.
     NCP re-adjusts with its proposal (NVAE's prior) for the same reason; Langevin with its own chain.
@@ -89,10 +146,16 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int], sir_weight
     if sir_chunk < 1:
         raise ValueError(f"--sir-chunk must be >= 1, got {sir_chunk}")
     if prior != "langevin" and (langevin_steps is not None or langevin_step_size is not None):
-        raise ValueError("--langevin-steps / --langevin-step-size apply to --prior langevin only")
+        raise ValueError(f"--langevin-steps / --langevin-step-size apply to --prior langevin only, not {prior}")
+    if prior == "gaussian" and sir:
+        raise ValueError("--sir resamples with a learned energy or classifier; use it with --prior evalp or ncp")
+    if prior == "langevin" and sir:
+        raise ValueError("--sir does not apply to --prior langevin (it samples by MCMC)")
+    tuning = " / ".join(_sir_tuning_flags(sir_weights, sir_groups, sir_chunk))
+    if prior in ("gaussian", "langevin") and tuning:
+        raise ValueError(f"--prior {prior} does not resample, so {tuning} would be ignored; "
+                         "use with --prior evalp or ncp")
     if prior == "gaussian":
-        if sir:
-            raise ValueError("--sir resamples with a learned energy or classifier; use it with --prior evalp or ncp")
         return None, None
     if prior not in available_priors(setup):
         stage = "stage-1" if setup.kind in ("nvae", "") else f"{setup.kind!r}"
@@ -100,17 +163,36 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int], sir_weight
                          + " or ".join(available_priors(setup)))
     if prior == "langevin":
         assert setup.langevin is not None
-        if sir:
-            raise ValueError("--sir does not apply to --prior langevin (it samples by MCMC)")
         hook = setup.langevin.prior(langevin_steps, langevin_step_size)
         return hook, hook
-    groups = list(sir_groups) if sir_groups is not None else None
     if prior == "ncp":
         assert setup.ncp is not None
+        groups = None if sir_groups in (None, "all") else list(sir_groups)
         return setup.ncp.prior(sir, groups, sir_chunk), setup.ncp.prior(1)
     assert setup.evalp is not None
+    if not sir and tuning:
+        raise ValueError(f"SIR is off for --prior evalp without --sir M, so {tuning} would be ignored")
+    groups = setup.evalp.groups if sir_groups == "all" else (None if sir_groups is None else list(sir_groups))
     hook = setup.evalp.prior(sir_proposals=sir or 0, sir_weights=sir_weights, sir_groups=groups, sir_chunk=sir_chunk)
     return hook, setup.evalp.prior()
+
+
+def describe_prior(prior: str, hook: Optional[PriorHook]) -> str:
+    """The prior with the settings its hook samples with, e.g. 'langevin (20 Langevin steps, step size 0.05)'."""
+    if isinstance(hook, LangevinPrior):
+        return f"{prior} ({hook.steps} Langevin steps, step size {hook.step_size:g})"
+    if isinstance(hook, NCPPrior):
+        return f"{prior} (SIR M={hook.sir_proposals} at groups {hook.sir_groups})"
+    if isinstance(hook, EVaLPPrior) and hook.sir_proposals > 1:
+        return f"{prior} (SIR M={hook.sir_proposals}, {hook.sir_weights} weights, at groups {hook.sir_groups})"
+    return prior
+
+
+def sir_proposals(hook: Optional[PriorHook]) -> Optional[int]:
+    """M, the proposals per draw the hook resamples with (ncp: the checkpoint's unless --sir says); None without SIR."""
+    if isinstance(hook, (EVaLPPrior, NCPPrior)) and hook.sir_proposals > 0:
+        return hook.sir_proposals
+    return None
 
 
 def generate(vae: NVAE, prior: Optional[PriorHook], num: int, temperature: float, batch_size: int = 64,

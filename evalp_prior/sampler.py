@@ -7,10 +7,9 @@ density log q_alpha(z_l | h_l) = log N(eps) - log|det df/deps| - sum log sigma_l
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nvae.hooks import GroupSpec
@@ -35,40 +34,27 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) ->
     return standard_normal_log_prob((z - mu) / sigma) - sigma.log().flatten(1).sum(1)
 
 
-# How a coupling's conditioner sees its conditioning, one of the two set: (features, None) concatenates
-# the conditioning features (B, cond_channels, H, W) with the coupling's input half before the first
-# conv; (None, term) adds term, that conv already applied to the features (bias included), to the conv
-# of the input half alone, broadcast over k rows per item (row j * B + i uses term[i]).
-CouplingCondition = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
-
-
 class AffineCoupling(nn.Module):
     """Affine coupling on channel halves: x_b -> x_b * exp(log_s) + t with (log_s, t) = NN(x_a, cond).
 
     log_s = bound * tanh(raw / bound) keeps scales in [exp(-bound), exp(bound)]; the last conditioner
     layer is zero-initialised so the coupling is exactly the identity (log-det exactly 0) at init.
-    cond = (context features, group embedding) enters only the first conv, which is linear in
-    cat(x_a, cond): SharedFlowSampler hands each part in as a CouplingCondition, either concatenated
-    or already convolved (once per item, then shared by all of the item's draws).
+    The conditioning enters as an additive term after the first conv of x_a: ``term`` (B, hidden, H, W),
+    computed by SharedFlowSampler.condition once per item, is broadcast over every draw of the item, so
+    a draw pays only for the conditioner on its own input half.
     """
 
-    def __init__(self, channels: int, cond_channels: int, hidden: int, flip: bool, bound: float) -> None:
+    def __init__(self, channels: int, hidden: int, flip: bool, bound: float) -> None:
         super().__init__()
         self.flip = flip
         self.bound = bound
         self.split = channels // 2
         n_cond, n_out = (channels - self.split, self.split) if flip else (self.split, channels - self.split)
-        self.n_cond = n_cond
+        self.first = nn.Conv2d(n_cond, hidden, 3, padding=1, bias=False)  # the bias is in the term
         last = nn.Conv2d(hidden, 2 * n_out, 3, padding=1)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-        self.net = nn.Sequential(
-            nn.Conv2d(n_cond + cond_channels, hidden, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(hidden, hidden, 1),
-            nn.SiLU(),
-            last,
-        )
+        self.net = nn.Sequential(nn.SiLU(), nn.Conv2d(hidden, hidden, 1), nn.SiLU(), last)
 
     def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditioning half, transformed half) of x."""
@@ -79,31 +65,26 @@ class AffineCoupling(nn.Module):
         """Inverse of ``_halves``."""
         return torch.cat([x_out, x_cond] if self.flip else [x_cond, x_out], dim=1)
 
-    def _params(self, x_cond: torch.Tensor, cond: CouplingCondition) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log_s, t) in the dtype of x_cond (at least float32), whatever autocast ran the net in."""
-        features, term = cond
-        if term is None:
-            assert features is not None
-            a = self.net[0](torch.cat([x_cond, features.to(x_cond.dtype)], dim=1))
-        else:
-            first = self.net[0]
-            a = F.conv2d(x_cond, first.weight[:, : self.n_cond], None, first.stride, first.padding)  # (rows, hidden, H, W)
-            a = a.unflatten(0, (-1, term.shape[0])).add_(term.to(a.dtype)).flatten(0, 1)
-        for layer in tuple(self.net)[1:]:
-            a = layer(a)
-        raw_log_s, t = a.to(x_cond.dtype).chunk(2, dim=1)
+    def _params(self, x_cond: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_s, t) in the dtype of x_cond (at least float32), whatever autocast ran the net in.
+
+        x_cond holds k rows per item (row j * B + i is item i); term (B, hidden, H, W) is shared by them.
+        """
+        a = self.first(x_cond)  # (k * B, hidden, H, W)
+        a = (a.unflatten(0, (-1, term.shape[0])) + term.to(a.dtype)).flatten(0, 1)
+        raw_log_s, t = self.net(a).to(x_cond.dtype).chunk(2, dim=1)
         return self.bound * torch.tanh(raw_log_s / self.bound), t
 
-    def forward(self, x: torch.Tensor, cond: CouplingCondition) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """y = coupling(x) and log|det dy/dx| (rows of x,)."""
         x_cond, x_out = self._halves(x)
-        log_s, t = self._params(x_cond, cond)
+        log_s, t = self._params(x_cond, term)
         return self._join(x_cond, x_out * log_s.exp() + t), log_s.flatten(1).sum(1)
 
-    def inverse(self, y: torch.Tensor, cond: CouplingCondition) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x = coupling^{-1}(y) and log|det dx/dy| (rows of y,)."""
         y_cond, y_out = self._halves(y)
-        log_s, t = self._params(y_cond, cond)
+        log_s, t = self._params(y_cond, term)
         return self._join(y_cond, (y_out - t) * (-log_s).exp()), -log_s.flatten(1).sum(1)
 
 
@@ -111,8 +92,11 @@ class SharedFlowSampler(nn.Module):
     """One conditional flow for all EVaLP groups: z = mu_p + sigma_p * f(eps; h, l).
 
     Conditioning: a learned embedding of the group index and a 1x1 projection of h (one projection per
-    scale, since context channels differ by scale), both fed to every coupling's conditioner. All
-    selected groups must share the latent channel count (20 in every NVAE preset).
+    scale, since context channels differ by scale), added as a term to every coupling's first hidden
+    layer. Kept linear and 1x1 on purpose: the term is computed once per item, so SIR's M draws per item
+    pay only for the conditioner on eps, and a single draw pays little more (h already carries the
+    decoder's spatial context). All selected groups must share the latent channel count (20 in every
+    NVAE preset).
 
     Temperature t scales sigma_p exactly as NVAE does (``t * sigma_p``): the sampler at temperature t
     is the same flow around the tempered prior N(mu_p, (t sigma_p)^2), so the untrained sampler
@@ -151,70 +135,48 @@ class SharedFlowSampler(nn.Module):
             prev = context_channels.setdefault(specs[g].scale, specs[g].context_channels)
             if prev != specs[g].context_channels:
                 raise ValueError(f"scale {specs[g].scale} has groups with different context channels")
+        # Per coupling, the conditioning term is linear in (h, group embedding): one 1x1 projection of h per
+        # scale (context channels differ by scale) and one map of the embedding, for all couplings at once.
+        self.hidden = hidden
         self.embedding = nn.Embedding(len(self.groups), embed_dim)
+        self.embedding_proj = nn.Linear(embed_dim, num_couplings * hidden, bias=False)
         self.context = nn.ModuleDict(
-            {str(s): nn.Conv2d(c, hidden, 1) for s, c in sorted(context_channels.items())}
+            {str(s): nn.Conv2d(c, num_couplings * hidden, 1) for s, c in sorted(context_channels.items())}
         )
         self.couplings = nn.ModuleList(
-            AffineCoupling(self.channels, hidden + embed_dim, hidden, flip=k % 2 == 1, bound=max_log_scale)
-            for k in range(num_couplings)
+            AffineCoupling(self.channels, hidden, flip=k % 2 == 1, bound=max_log_scale) for k in range(num_couplings)
         )
 
-    def _context(self, h: torch.Tensor, group: int) -> torch.Tensor:
-        """The 1x1 projection of h for the group's scale, (B, hidden, H, W)."""
+    def condition(self, h: torch.Tensor, group: int) -> list[torch.Tensor]:
+        """Each coupling's conditioning term (B, hidden, H, W) for the items of h: computed once per item
+        and shared by all of an item's draws (``flow_conditioned``; SIR draws many per item)."""
         if group not in self._row:
             raise KeyError(f"group {group} is not sampled by this flow; its groups are {self.groups}")
-        return self.context[str(self._scale[group])](h)
+        terms = self.context[str(self._scale[group])](h)  # (B, K * hidden, H, W)
+        emb = self.embedding_proj(self.embedding.weight[self._row[group]]).to(terms.dtype)  # (K * hidden,)
+        return list((terms + emb.view(1, -1, 1, 1)).split(self.hidden, dim=1))
 
-    def _embedding_map(self, group: int, like: torch.Tensor, batch: int) -> torch.Tensor:
-        """The group embedding broadcast to (batch, embed_dim, H, W) in like's dtype and size."""
-        emb = self.embedding.weight[self._row[group]].to(like.dtype)  # (embed_dim,)
-        return emb.view(1, -1, 1, 1).expand(batch, -1, like.shape[2], like.shape[3])
-
-    def _condition(self, h: torch.Tensor, group: int) -> list[CouplingCondition]:
-        """Conditioning for one draw per item: features cat(context, embedding), concatenated with each
-        coupling's input half (one conv per coupling: the fastest form for a single draw)."""
-        ctx = self._context(h, group)
-        features = torch.cat([ctx, self._embedding_map(group, ctx, ctx.shape[0])], dim=1)
-        return [(features, None)] * len(self.couplings)
-
-    def condition(self, h: torch.Tensor, group: int) -> list[CouplingCondition]:
-        """Conditioning for many draws per item (``flow_conditioned``, SIR): each coupling's first conv
-        applied once per item to the conditioning features, so that a draw pays only for the conv of its
-        input half. One conv for all couplings (weight slices stacked); the spatially constant embedding
-        goes through it at batch size 1."""
-        ctx = self._context(h, group)
-        n_ctx, pad = ctx.shape[1], self.couplings[0].net[0].padding
-        weights = [(c.n_cond, c.net[0].weight) for c in self.couplings]
-        w_ctx = torch.cat([w[:, n : n + n_ctx] for n, w in weights])  # (K * hidden, hidden, 3, 3)
-        w_emb = torch.cat([w[:, n + n_ctx :] for n, w in weights])  # (K * hidden, embed_dim, 3, 3)
-        bias = torch.cat([c.net[0].bias for c in self.couplings])
-        terms = F.conv2d(ctx, w_ctx, None, 1, pad) + F.conv2d(self._embedding_map(group, ctx, 1), w_emb, bias, 1, pad)
-        return [(None, term) for term in terms.split([w.shape[0] for _, w in weights], dim=1)]  # (B, hidden, H, W) each
-
-    def flow_conditioned(
-        self, eps: torch.Tensor, cond: Sequence[CouplingCondition]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def flow_conditioned(self, eps: torch.Tensor, terms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """u = f(eps) and log|det du/deps| (rows,), both in at least float32, for eps (k * B, C, H, W)
         holding k draws per item (row j * B + i is item i) and ``condition``'s output for the B items."""
         x = _at_least_f32(eps)
         logdet = x.new_zeros(x.shape[0])
-        for coupling, c in zip(self.couplings, cond):
-            x, ld = coupling(x, c)
+        for coupling, term in zip(self.couplings, terms):
+            x, ld = coupling(x, term)
             logdet = logdet + ld
         return x, logdet
 
     def flow(self, eps: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """u = f(eps; h, group) and log|det du/deps| (B,), both in at least float32."""
-        return self.flow_conditioned(eps, self._condition(h, group))
+        return self.flow_conditioned(eps, self.condition(h, group))
 
     def inverse(self, u: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eps = f^{-1}(u; h, group) and log|det deps/du| (B,), both in at least float32."""
-        cond = self._condition(h, group)
+        terms = self.condition(h, group)
         x = _at_least_f32(u)
         logdet = x.new_zeros(x.shape[0])
-        for coupling, c in zip(reversed(self.couplings), reversed(cond)):
-            x, ld = coupling.inverse(x, c)
+        for coupling, term in zip(reversed(self.couplings), reversed(terms)):
+            x, ld = coupling.inverse(x, term)
             logdet = logdet + ld
         return x, logdet
 

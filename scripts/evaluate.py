@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from evalp_prior.generation import add_prior_args, parse_sir_groups  # noqa: E402
 from nvae.entry import run_entry  # noqa: E402
 
 FULL_FID = 50000  # `--fid` without a number: the standard sample count (a GPU job)
@@ -27,21 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt of kind nvae, evalp, langevin or ncp")
     io.add_argument("--out", type=Path, default=None, help="JSON report (default: CHECKPOINT_DIR/eval_<prior label>.json, e.g. eval_evalp+sir100.json)")
     io.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    prior = parser.add_argument_group("prior")
-    prior.add_argument("--prior", choices=("gaussian", "evalp", "langevin", "ncp"), default=None,
-                       help="default: the checkpoint's own (gaussian for stage 1)")
-    prior.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for FID and timing")
-    prior.add_argument("--bn-batches", type=int, default=20, help="BN re-adjustment batches before sampling (0: off)")
-    prior.add_argument("--seed", type=int, default=0)
-    prior.add_argument("--sir", type=int, default=None, metavar="M",
-                       help="SIR proposals per draw: evalp (default off) or ncp (default: the checkpoint's)")
-    prior.add_argument("--sir-weights", choices=("exact", "energy"), default="exact", help="EVaLP SIR weighting")
-    prior.add_argument("--sir-groups", default=None,
-                       help="comma-separated groups for SIR (default: evalp the top group, ncp every NCP group)")
-    prior.add_argument("--sir-chunk", type=int, default=100, help="proposals per draw evaluated at once")
-    prior.add_argument("--langevin-steps", type=int, default=None, help="Langevin prior: steps (default: trained K)")
-    prior.add_argument("--langevin-step-size", type=float, default=None,
-                       help="Langevin prior: step size s, noise sqrt(2 s) (default: trained s)")
+    add_prior_args(parser)
     metrics = parser.add_argument_group("metrics (at least one)")
     metrics.add_argument("--fid", type=int, nargs="?", const=FULL_FID, default=None, metavar="N",
                          help=f"FID of N generated images (no N: {FULL_FID})")
@@ -70,20 +57,15 @@ def build_request(args: argparse.Namespace):
         raise ValueError(f"--fid needs at least 2 samples, got {args.fid}")
     if args.nll is not None and args.nll < 1:
         raise ValueError(f"--nll needs K >= 1 importance samples, got {args.nll}")
-    sir_groups = None
-    if args.sir_groups is not None:
-        try:
-            sir_groups = [int(g) for g in args.sir_groups.split(",")]
-        except ValueError as exc:
-            raise ValueError(f"--sir-groups must be comma-separated group indices, got {args.sir_groups!r}") from exc
     req = EvalRequest(prior=args.prior, fid_samples=args.fid or 0, fid_batch=args.fid_batch,
                       fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir, mmd=args.mmd,
                       mmd_samples=args.mmd_samples, nll_samples=args.nll or 0, nll_images=args.nll_images,
                       nll_chunk=args.nll_chunk, timing=args.timing, timing_batch=args.timing_batch,
                       timing_repeats=args.timing_repeats, sir=args.sir, sir_weights=args.sir_weights,
-                      sir_groups=sir_groups, sir_chunk=args.sir_chunk, langevin_steps=args.langevin_steps,
-                      langevin_step_size=args.langevin_step_size, temperature=args.temperature,
-                      bn_batches=args.bn_batches, batch_size=args.batch_size, seed=args.seed)
+                      sir_groups=parse_sir_groups(args.sir_groups), sir_chunk=args.sir_chunk,
+                      langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,
+                      temperature=args.temperature, bn_batches=args.bn_batches, batch_size=args.batch_size,
+                      seed=args.seed)
     req.validate()
     return req
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures: tiny configurations, free ports, a subprocess runner for the entry points."""
+"""Shared test fixtures: tiny configurations and checkpoints, free ports, a subprocess runner for the entry points."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from evalp_prior.baselines import langevin_run_config, ncp_run_config, train_langevin, train_ncp
+from evalp_prior.config import EVaLPConfig, EVaLPRunConfig
+from evalp_prior.train import train_evalp, vae_fingerprint
 from nvae.config import NVAERunConfig, preset
-from nvae.runtime import StopSignal
+from nvae.runtime import RunLogger, StopSignal
+from nvae.runtime.distributed import DistContext
+from nvae.train import load_trained_nvae, train_nvae
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 
 
 def tiny_run_config(**train) -> NVAERunConfig:
@@ -22,6 +30,43 @@ def tiny_run_config(**train) -> NVAERunConfig:
                     eval_batches=1, bn_readjust_batches=1, warmup_epochs=0.05)
     settings.update(train)
     return NVAERunConfig(model=model, train=dataclasses.replace(cfg.train, **settings))
+
+
+# Fitted in seconds on the CPU; shared by every prior kind (EVaLP adds its sampler's settings below).
+PRIOR_SETTINGS = dict(batch_size=8, max_steps=3, energy_hidden=8, log_every=1, eval_batches=1, bn_readjust_batches=1,
+                      ckpt_every=100)
+PRIOR_KINDS = ("evalp", "langevin", "ncp")
+
+
+def train_prior_checkpoint(kind: str, vae_path: Path, run_dir: Path, **settings) -> Path:
+    """A tiny prior of kind evalp, langevin (K = 2) or ncp (M = 4) fitted to the frozen NVAE at vae_path."""
+    vae, vae_cfg, _ = load_trained_nvae(vae_path, CPU.device)
+    fingerprint, settings = vae_fingerprint(vae), {**PRIOR_SETTINGS, **settings}
+    if kind == "evalp":
+        evalp = EVaLPConfig(**{"n_critic": 2, "sampler_hidden": 8, "num_couplings": 2, **settings})
+        train, run_cfg = train_evalp, EVaLPRunConfig(evalp, str(vae_path), fingerprint)
+    elif kind == "langevin":
+        train, run_cfg = train_langevin, langevin_run_config(str(vae_path), fingerprint,
+                                                             **{"langevin_steps": 2, **settings})
+    elif kind == "ncp":
+        train, run_cfg = train_ncp, ncp_run_config(str(vae_path), fingerprint, **{"sir_proposals": 4, **settings})
+    else:
+        raise ValueError(f"unknown prior kind {kind!r}; expected one of {PRIOR_KINDS}")
+    torch.manual_seed(0)
+    with RunLogger(run_dir, True) as logger:
+        assert train(run_cfg, vae, vae_cfg, CPU, run_dir, logger) == 0
+    return run_dir / "checkpoint.pt"
+
+
+def train_prior_checkpoints(root: Path) -> dict[str, Path]:
+    """A tiny NVAE (root/vae) and a prior of every kind fitted to it (root/KIND); keys nvae, KIND and root."""
+    torch.manual_seed(0)
+    with RunLogger(root / "vae", True) as logger:
+        assert train_nvae(tiny_run_config(max_steps=2), CPU, root / "vae", logger) == 0
+    out = {"nvae": root / "vae" / "checkpoint.pt", "root": root}
+    for kind in PRIOR_KINDS:
+        out[kind] = train_prior_checkpoint(kind, out["nvae"], root / kind)
+    return out
 
 
 class StopAt(StopSignal):

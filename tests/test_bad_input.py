@@ -30,8 +30,7 @@ from evalp_prior.train import train_evalp, vae_fingerprint
 from nvae.data.lmdb_store import LEN_KEY, encode_image, record_key, write_lmdb
 from nvae.runtime import RunLogger
 from nvae.train import load_trained_nvae, train_nvae
-from tests.helpers import ROOT, run_script, tiny_run_config
-from tests.test_stage1 import CPU
+from tests.helpers import CPU, ROOT, run_script, tiny_run_config, train_prior_checkpoint
 
 # Two inputs below build zero-size layers on purpose; torch warns before the run fails.
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
@@ -166,7 +165,7 @@ CASES = [
          GEN + ["--checkpoint", "{evalp}", "--sir", "2", "--sir-groups", "9"], 2,
          "SIR groups [9] are not EVaLP groups [0, 1, 2]"),
     Case("gen-sir-groups-on-stage1", "generate", GEN + ["--sir-groups", "all"], 2,
-         "--sir-groups needs a stage-2 checkpoint"),
+         "--prior gaussian does not resample, so --sir-groups would be ignored; use with --prior evalp or ncp"),
     Case("gen-sir-chunk-0", "generate", GEN + ["--checkpoint", "{evalp}", "--sir", "2", "--sir-chunk", "0"], 2,
          "--sir-chunk must be >= 1, got 0"),
     Case("gen-batch-size-0", "generate", GEN + ["--batch-size", "0"], 2, "--batch-size must be >= 1, got 0"),
@@ -174,6 +173,18 @@ CASES = [
          "--sir-groups must be 'all' or comma-separated group indices, got 'top'"),
     Case("gen-out-is-a-directory", "generate", GEN + ["--out", "{tmp}"], 2, "is a directory; give a file path"),
     Case("gen-nrow-negative", "generate", GEN + ["--nrow", "-1"], 2, "--nrow must be >= 1, got -1"),
+    Case("gen-prior-not-in-checkpoint", "generate", GEN + ["--checkpoint", "{langevin}", "--prior", "ncp"], 2,
+         "this is a 'langevin' checkpoint: it has no ncp prior; use --prior gaussian or langevin"),
+    Case("gen-sir-with-langevin", "generate", GEN + ["--checkpoint", "{langevin}", "--sir", "4"], 2,
+         "--sir does not apply to --prior langevin (it samples by MCMC)"),
+    Case("gen-sir-groups-with-langevin", "generate", GEN + ["--checkpoint", "{langevin}", "--sir-groups", "0"], 2,
+         "--prior langevin does not resample, so --sir-groups would be ignored; use with --prior evalp or ncp"),
+    Case("gen-sir-weights-without-sir", "generate", GEN + ["--checkpoint", "{evalp}", "--sir-weights", "energy"], 2,
+         "SIR is off for --prior evalp without --sir M, so --sir-weights would be ignored"),
+    Case("gen-langevin-steps-with-evalp", "generate", GEN + ["--checkpoint", "{evalp}", "--langevin-steps", "3"], 2,
+         "--langevin-steps / --langevin-step-size apply to --prior langevin only, not evalp"),
+    Case("gen-langevin-steps-negative", "generate", GEN + ["--checkpoint", "{langevin}", "--langevin-steps", "-1"], 2,
+         "--langevin-steps must be >= 0, got -1"),
     # ---- scripts/evaluate.py
     Case("eval-checkpoint-missing", "evaluate", EVAL + ["--checkpoint", "{tmp}/none.pt"], 2, "checkpoint not found"),
     Case("eval-no-metric", "evaluate", ["--checkpoint", "{vae}", "--out", "{out}/r.json", "--device", "cpu"], 2,
@@ -181,6 +192,12 @@ CASES = [
     Case("eval-fid-1", "evaluate", EVAL + ["--fid", "1"], 2, "--fid needs at least 2 samples, got 1"),
     Case("eval-checkpoint-corrupt", "evaluate", EVAL + ["--checkpoint", "{corrupt}"], 2,
          "is not a checkpoint or corrupt"),
+    Case("eval-sir-groups-text", "evaluate", EVAL + ["--checkpoint", "{evalp}", "--sir", "2", "--sir-groups", "top"], 2,
+         "--sir-groups must be 'all' or comma-separated group indices, got 'top'"),
+    Case("eval-sir-groups-with-gaussian", "evaluate", EVAL + ["--sir-groups", "0"], 2,
+         "--prior gaussian does not resample, so --sir-groups would be ignored; use with --prior evalp or ncp"),
+    Case("eval-sir-weights-without-sir", "evaluate", EVAL + ["--checkpoint", "{evalp}", "--sir-weights", "energy"], 2,
+         "SIR is off for --prior evalp without --sir M, so --sir-weights would be ignored"),
     # ---- scripts/prepare_data.py (its own errors exit 1, argument errors 2)
     Case("prep-src-missing", "prepare_data", PREP + ["--src", "{tmp}/nowhere"], 1,
          "does not exist or is not a directory"),
@@ -223,7 +240,8 @@ def _png(size: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> dict[str, Path]:
-    """Checkpoints of both stages, a corrupt one, LMDB databases (good and damaged), image folders."""
+    """Checkpoints of both stages and a Langevin one, a corrupt one, LMDB databases (good and damaged), image
+    folders."""
     base = tmp_path_factory.mktemp("bad_input")
     vae_dir, other_dir, evalp_dir = base / "vae", base / "other_vae", base / "evalp"
     for run_dir, seed in ((vae_dir, 0), (other_dir, 1)):
@@ -247,6 +265,7 @@ def paths(tmp_path_factory) -> dict[str, Path]:
     return {
         "vae": vae_dir / "checkpoint.pt", "vae_dir": vae_dir, "other_vae": other_dir / "checkpoint.pt",
         "evalp": evalp_dir / "checkpoint.pt", "corrupt": corrupt, "images": images, "empty": empty,
+        "langevin": train_prior_checkpoint("langevin", vae_dir / "checkpoint.pt", base / "langevin", max_steps=1),
         "lmdb_good": _lmdb(base / "lmdb_good"),
         "lmdb_bad_length": _lmdb(base / "lmdb_bad_length", length=41),
         "lmdb_corrupt_first": _lmdb(base / "lmdb_corrupt_first", first=b"\x89PNG\r\n\x1a\n cut short"),

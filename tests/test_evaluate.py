@@ -7,43 +7,17 @@ import math
 import pytest
 import torch
 
-from evalp_prior.baselines import langevin_run_config, load_langevin, ncp_run_config, train_langevin, train_ncp
-from evalp_prior.config import EVaLPConfig, EVaLPRunConfig
+from evalp_prior.baselines import load_langevin
 from evalp_prior.metrics.mmd import median_bandwidth, mmd2_unbiased, posterior_bandwidth, prior_hole_mmd
 from evalp_prior.metrics.timing import seconds_per_image
-from evalp_prior.train import train_evalp, vae_fingerprint
-from nvae.runtime import CheckpointError, RunLogger
-from nvae.train import load_trained_nvae, train_nvae
-from tests.helpers import run_script, tiny_run_config
-from tests.test_stage1 import CPU
-
-PRIOR_SETTINGS = dict(batch_size=8, max_steps=3, energy_hidden=8, log_every=1, eval_batches=1, bn_readjust_batches=1,
-                      ckpt_every=100)
+from nvae.runtime import CheckpointError
+from tests.helpers import run_script
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict:
-    """Tiny checkpoints of every kind on one frozen NVAE, and where the FID statistics cache goes."""
-    root = tmp_path_factory.mktemp("evaluate")
-    torch.manual_seed(0)
-    with RunLogger(root / "vae", True) as logger:
-        assert train_nvae(tiny_run_config(max_steps=2), CPU, root / "vae", logger) == 0
-    vae_path = root / "vae" / "checkpoint.pt"
-    vae, vae_cfg, _ = load_trained_nvae(vae_path, torch.device("cpu"))
-    fingerprint = vae_fingerprint(vae)
-    evalp_cfg = EVaLPRunConfig(EVaLPConfig(n_critic=2, sampler_hidden=8, num_couplings=2, **PRIOR_SETTINGS),
-                               str(vae_path), fingerprint)
-    runs = {"evalp": (train_evalp, evalp_cfg),
-            "langevin": (train_langevin, langevin_run_config(str(vae_path), fingerprint, langevin_steps=2,
-                                                             **PRIOR_SETTINGS)),
-            "ncp": (train_ncp, ncp_run_config(str(vae_path), fingerprint, sir_proposals=4, **PRIOR_SETTINGS))}
-    out = {"nvae": vae_path, "cache": root / "fid_stats", "root": root}
-    for name, (train, run_cfg) in runs.items():
-        torch.manual_seed(0)
-        with RunLogger(root / name, True) as logger:
-            assert train(run_cfg, vae, vae_cfg, CPU, root / name, logger) == 0
-        out[name] = root / name / "checkpoint.pt"
-    return out
+def checkpoints(prior_checkpoints) -> dict:
+    """The shared checkpoints of every kind, and where this module's FID statistics cache goes."""
+    return {**prior_checkpoints, "cache": prior_checkpoints["root"] / "fid_stats"}
 
 
 COMMON = ["--mmd", "--mmd-samples", "32", "--nll", "2", "--nll-images", "4", "--timing", "--timing-batch", "4",
@@ -82,6 +56,10 @@ def test_every_checkpoint_kind_evaluates_against_the_same_posterior(checkpoints)
     for label, report in reports.items():
         assert report["label"] == label
         _check_common(report)
+    # The table names the prior as generate.py does, with the settings its hook samples with.
+    assert stage2["description"] == "evalp (SIR M=5, exact weights, at groups [0])"
+    assert ncp["description"] == "ncp (SIR M=4 at groups [0, 1, 2])" and stage1["description"] == "gaussian"
+    assert langevin["description"] == "langevin (1 Langevin steps, step size 0.05)"
     fid = stage2["metrics"]["fid"]
     assert fid["num_samples"] == 8 and fid["reference_images"] == 8 and math.isfinite(fid["fid"]) and fid["fid"] > 0
     assert fid["image_size"] == [32, 32] and "fid" not in stage1["metrics"]

@@ -9,12 +9,9 @@ import torch
 import torch.multiprocessing as mp
 
 from nvae.runtime import CheckpointError, RunLogger, init_distributed, load_checkpoint
-from nvae.runtime.distributed import DistContext
 from nvae.runtime.signals import PREEMPTED_EXIT_CODE
 from nvae.train import train_nvae
-from tests.helpers import StopAt, free_port, run_script, tiny_run_config
-
-CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+from tests.helpers import CPU, StopAt, free_port, run_script, tiny_run_config
 
 
 def _train(run_dir, cfg, resume=None, stop=None):

@@ -13,8 +13,7 @@ from nvae.data import get_dataset
 from nvae.runtime import RunLogger, load_checkpoint
 from nvae.runtime.signals import PREEMPTED_EXIT_CODE
 from nvae.train import load_trained_nvae, train_nvae
-from tests.helpers import StopAt, run_script, tiny_run_config
-from tests.test_stage1 import CPU
+from tests.helpers import CPU, StopAt, run_script, tiny_run_config
 
 
 @pytest.fixture(scope="module")
