@@ -159,15 +159,15 @@ def main() -> None:
     res = EvalResources(vae, vae_cfg, ctx.device, req)
     setups = {name: load_for_sampling(path, ctx.device) for name, path in checkpoints.items()}
     rows: list[tuple[str, Any, Any]] = [("gaussian", None, None)]
-    evalp_hook, evalp_bn = build_prior(setups["evalp"], "evalp", None, "exact", None, 100)
+    evalp_hook, evalp_bn = build_prior(setups["evalp"], "evalp")
     rows.append(("evalp", evalp_hook, evalp_bn))
     for m in args.sir:
-        hook, bn = build_prior(setups["evalp"], "evalp", m, "exact", None, 100)
+        hook, bn = build_prior(setups["evalp"], "evalp", m)
         rows.append((f"evalp+sir{m}", hook, bn))
     for name in extra_evalp:  # without SIR: these rows ask how w_kl alone changes the sampler
-        rows.append((name.replace("_", " "), *build_prior(setups[name], "evalp", None, "exact", None, 100)))
-    rows.append(("langevin", *build_prior(setups["langevin"], "langevin", None, "exact", None, 100)))
-    rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir, "exact", None, 100)))
+        rows.append((name.replace("_", " "), *build_prior(setups[name], "evalp")))
+    rows.append(("langevin", *build_prior(setups["langevin"], "langevin")))
+    rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir)))
 
     results = {}
     for label, hook, bn_hook in rows:

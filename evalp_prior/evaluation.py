@@ -38,12 +38,13 @@ from nvae.hooks import PriorHook
 from nvae.model import NVAE
 from nvae.train import binarize_if_needed
 
-from .generation import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SamplingSetup, build_prior, default_prior,
+from .generation import (SamplingSetup, build_prior, default_prior,
                          describe_prior, load_for_sampling, sir_proposals)
 from .metrics.fid import InceptionFeatures, fid_from_images, reference_stats
 from .metrics.mmd import posterior_bandwidth, prior_hole_mmd
 from .metrics.nll import dataset_nll
 from .metrics.timing import seconds_per_image
+from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS
 
 DEFAULT_FID_STATS_DIR = Path("runs/fid_stats")
 POSTERIOR_SEED = 1234  # fixed: every evaluation of one NVAE compares priors against the same posterior draws

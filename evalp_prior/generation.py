@@ -22,13 +22,11 @@ from nvae.train import load_trained_nvae, sample_images
 from .baselines.langevin import LangevinPrior, TrainedLangevin, load_langevin
 from .baselines.ncp import NCPPrior, TrainedNCP, load_ncp
 from .prior import EVaLPPrior
-from .sir import SIR_WEIGHTS
+from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS
 from .train import TrainedEVaLP, load_evalp
 
 PRIORS = ("gaussian", "evalp", "langevin", "ncp")
 CHECKPOINT_KINDS = ("nvae", "evalp", "langevin", "ncp")  # the prior each kind carries is its default
-DEFAULT_SIR_WEIGHTS = "exact"
-DEFAULT_SIR_CHUNK = 100  # proposals per item evaluated at once (a memory bound)
 
 
 @dataclass
@@ -121,8 +119,8 @@ def _sir_tuning_flags(sir_weights: str, sir_groups: object, sir_chunk: int) -> l
     return [flag for flag, is_set in given if is_set]
 
 
-def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int], sir_weights: str,
-                sir_groups: Optional[Union[Sequence[int], str]], sir_chunk: int, *,
+def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir_weights: str = DEFAULT_SIR_WEIGHTS,
+                sir_groups: Optional[Union[Sequence[int], str]] = None, sir_chunk: int = DEFAULT_SIR_CHUNK, *,
                 langevin_steps: Optional[int] = None,
                 langevin_step_size: Optional[float] = None) -> tuple[Optional[PriorHook], Optional[PriorHook]]:
     """(sampling hook, BN re-adjustment hook) for `prior`; checks that the request fits the checkpoint.

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from evalp_prior.sampler import SharedFlowSampler, standard_normal_log_prob
-from evalp_prior.sir import SIR_WEIGHTS, sir_log_weight, sir_select
+from evalp_prior.sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS, sir_log_weight, sir_select
 
 
 # On the CPU, SIR evaluates at most this many latent positions (rows x H x W) at once: about 16k kept the
@@ -29,9 +29,9 @@ class EVaLPPrior:
         sampler: SharedFlowSampler,
         groups: Sequence[int],
         sir_proposals: int = 0,
-        sir_weights: str = "exact",
+        sir_weights: str = DEFAULT_SIR_WEIGHTS,
         sir_groups: Sequence[int] | None = None,
-        sir_chunk: int = 100,
+        sir_chunk: int = DEFAULT_SIR_CHUNK,
     ) -> None:
         if sir_weights not in SIR_WEIGHTS:
             raise ValueError(f"unknown SIR weighting {sir_weights!r}; choose one of {SIR_WEIGHTS}")

@@ -12,6 +12,8 @@ import torch
 
 Proposal = torch.Tensor | tuple[torch.Tensor, ...]
 SIR_WEIGHTS = ("exact", "energy")
+DEFAULT_SIR_WEIGHTS = "exact"
+DEFAULT_SIR_CHUNK = 100  # proposals per item evaluated at once: the memory bound of SIR
 
 
 def sir_log_weight(
