@@ -24,7 +24,7 @@ class GroupEnergy(nn.Module):
     """Conv energy E(z, h) -> (B,) float32 energies; no batch-dependent layers, so per-sample exact."""
 
     def __init__(
-        self, z_channels: int, context_channels: int, hidden: int = 64, spectral_norm: bool = False
+        self, z_channels: int, context_channels: int, hidden: int, spectral_norm: bool = False
     ) -> None:
         super().__init__()
         sn = spectral_norm
@@ -80,7 +80,7 @@ class EnergySet(nn.Module):
         self,
         specs: Sequence[GroupSpec],
         groups: Sequence[int],
-        hidden: int = 64,
+        hidden: int,
         share_within_scale: bool = False,
         spectral_norm: bool = False,
     ) -> None:

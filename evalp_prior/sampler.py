@@ -112,7 +112,7 @@ class SharedFlowSampler(nn.Module):
         self,
         specs: Sequence[GroupSpec],
         groups: Sequence[int],
-        hidden: int = 64,
+        hidden: int,
         num_couplings: int = 4,
         embed_dim: int = 16,
         max_log_scale: float = 1.0,

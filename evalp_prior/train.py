@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -19,7 +19,7 @@ from nvae.runtime import (CheckpointError, DistContext, Precision, RunLogger, St
 from nvae.runtime.loop import isolated_rng, loop_settings, planned_steps, run_training, steps_per_epoch
 from nvae.train import binarize_if_needed, sample_images, split_for_rank
 
-from .config import EVaLPConfig, EVaLPRunConfig
+from .config import EVaLPConfig, EVaLPRunConfig, FrozenPriorConfig
 from .energy import EnergySet
 from .groups import parse_groups
 from .metrics.mmd import median_bandwidth, mmd2_unbiased
@@ -58,6 +58,31 @@ def posterior_group_batches(vae: NVAE, x: torch.Tensor, groups: list[int], preci
                        out.groups[g].sigma_p.float()) for g in groups]
 
 
+def ddp_if_distributed(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """The module wrapped in DistributedDataParallel under a multi-process run, else the module itself."""
+    if not ctx.is_distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def embedded_vae_state(vae: NVAE, vae_cfg: NVAERunConfig) -> dict[str, Any]:
+    """The frozen NVAE's config and weights, stored in a prior's checkpoint so that it samples on its own."""
+    return {"config": vae_cfg.to_json(), "model": vae.state_dict()}
+
+
+def load_embedded_vae(payload: dict[str, Any], path: Path, device: torch.device,
+                      fingerprint: str) -> tuple[NVAE, NVAERunConfig]:
+    """The NVAE a prior checkpoint embeds (see embedded_vae_state), in eval mode; it must match the
+    fingerprint recorded at training time."""
+    vae_cfg = NVAERunConfig.from_json(payload["task"]["vae"]["config"])
+    vae = NVAE(vae_cfg.model).to(device)
+    vae.load_state_dict(payload["task"]["vae"]["model"])
+    vae.eval()
+    if vae_fingerprint(vae) != fingerprint:
+        raise CheckpointError(f"{path}: the embedded NVAE does not match the fingerprint recorded at training time")
+    return vae, vae_cfg
+
+
 class EVaLPTask:
     """The alternating energy / sampler optimisation on a frozen NVAE."""
 
@@ -71,10 +96,9 @@ class EVaLPTask:
         vae.eval().requires_grad_(False)
         self.groups, energies, sampler = build_prior_modules(cfg, vae)
         self.energies, self.sampler = energies.to(ctx.device), sampler.to(ctx.device)
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # Separate DDP modules: the energy and the sampler have separate backward passes.
-        self.energy_net = DistributedDataParallel(self.energies, device_ids=ids) if ctx.is_distributed else self.energies
-        self.sampler_net = DistributedDataParallel(self.sampler, device_ids=ids) if ctx.is_distributed else self.sampler
+        self.energy_net = ddp_if_distributed(self.energies, ctx)
+        self.sampler_net = ddp_if_distributed(self.sampler, ctx)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=cfg.lr_energy, betas=betas)
         self.sampler_opt = torch.optim.Adam(self.sampler.parameters(), lr=cfg.lr_sampler, betas=betas)
@@ -86,6 +110,12 @@ class EVaLPTask:
 
     def config_json(self) -> str:
         return self.run_cfg.to_json()
+
+    def describe(self) -> str:
+        """What is trained, for the run's first log line."""
+        sizes = [sum(p.numel() for p in m.parameters()) for m in (self.energies, self.sampler)]
+        return (f"EVaLP on groups {self.groups}: energies {sizes[0] / 1e3:.1f}k, "
+                f"sampler {sizes[1] / 1e3:.1f}k parameters")
 
     def prior(self, **sir: Any) -> EVaLPPrior:
         """The trained prior as a sampling hook (optionally with SIR)."""
@@ -157,8 +187,7 @@ class EVaLPTask:
                 "energy_opt": self.energy_opt.state_dict(), "sampler_opt": self.sampler_opt.state_dict(),
                 "energy_scaler": self.energy_prec.scaler.state_dict(),
                 "sampler_scaler": self.sampler_prec.scaler.state_dict(),
-                # The frozen NVAE travels with the prior, so a stage-2 checkpoint generates on its own.
-                "vae": {"config": self.vae_cfg.to_json(), "model": self.vae.state_dict()}}
+                "vae": embedded_vae_state(self.vae, self.vae_cfg)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.energies.load_state_dict(state["energies"])
@@ -169,19 +198,23 @@ class EVaLPTask:
         self.sampler_prec.scaler.load_state_dict(state["sampler_scaler"])
 
 
-def train_evalp(run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path,
-                logger: RunLogger, resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
-    """Run stage 2 to completion (or pre-emption); writes checkpoints, samples.png and final_metrics.json."""
-    cfg, tc = run_cfg.evalp, vae_cfg.train
+def train_frozen_prior(task_cls: Callable[..., Any], run_cfg: Any, cfg: FrozenPriorConfig, vae: NVAE,
+                       vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path, logger: RunLogger,
+                       resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
+    """Train a prior on a frozen NVAE (EVaLP or a baseline) with the shared loop, to completion or pre-emption;
+    writes checkpoints, samples.png and final_metrics.json.
+
+    ``task_cls(run_cfg, vae, vae_cfg, ctx, test_set, binarize, logger)`` builds the task (with ``describe``,
+    ``prior`` and ``last_metrics`` beyond the loop's TrainTask); ``cfg`` is run_cfg's prior settings.
+    """
+    tc = vae_cfg.train
     info = dataset_info(tc.dataset, tc.data_root)
     train_set = get_dataset(tc.dataset, "train", tc.data_root)
     test_set = get_dataset(tc.dataset, "test", tc.data_root)
     per_epoch = steps_per_epoch(len(train_set), ctx.world_size, cfg.batch_size)
     total_steps = planned_steps(cfg, per_epoch)
-    task = EVaLPTask(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger)
-    sizes = [sum(p.numel() for p in m.parameters()) for m in (task.energies, task.sampler)]
-    logger.info(f"EVaLP on groups {task.groups}: energies {sizes[0] / 1e3:.1f}k, sampler {sizes[1] / 1e3:.1f}k "
-                f"parameters; {total_steps} steps on {ctx.world_size} process(es), {cfg.precision}")
+    task = task_cls(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger)
+    logger.info(f"{task.describe()}; {total_steps} steps on {ctx.world_size} process(es), {cfg.precision}")
     status = run_training(task, train_set, ctx, loop_settings(cfg, total_steps), run_dir, logger, resume, stop)
     if status == 0 and ctx.is_main:
         with isolated_rng(ctx):
@@ -191,6 +224,12 @@ def train_evalp(run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx:
         save_text_atomic(run_dir / "final_metrics.json", summary)
         logger.info(f"wrote {run_dir / 'samples.png'} and {run_dir / 'final_metrics.json'}")
     return status
+
+
+def train_evalp(run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path,
+                logger: RunLogger, resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
+    """Run stage 2 to completion (or pre-emption); writes checkpoints, samples.png and final_metrics.json."""
+    return train_frozen_prior(EVaLPTask, run_cfg, run_cfg.evalp, vae, vae_cfg, ctx, run_dir, logger, resume, stop)
 
 
 def save_text_atomic(path: Path, text: str) -> None:
@@ -228,17 +267,13 @@ def load_evalp(path: Path, device: torch.device) -> TrainedEVaLP:
     """Everything a stage-2 checkpoint holds, ready to sample."""
     payload = load_checkpoint(path, expected_kind=KIND, map_location=device)
     run_cfg = EVaLPRunConfig.from_json(payload["config"])
-    vae_cfg = NVAERunConfig.from_json(payload["task"]["vae"]["config"])
-    vae = NVAE(vae_cfg.model).to(device)
-    vae.load_state_dict(payload["task"]["vae"]["model"])
-    vae.eval()
-    if vae_fingerprint(vae) != run_cfg.vae_fingerprint:
-        raise CheckpointError(f"{path}: the embedded NVAE does not match the fingerprint recorded at training time")
+    vae, vae_cfg = load_embedded_vae(payload, path, device, run_cfg.vae_fingerprint)
     groups, energies, sampler = build_prior_modules(run_cfg.evalp, vae)
     energies.load_state_dict(payload["task"]["energies"])
     sampler.load_state_dict(payload["task"]["sampler"])
     return TrainedEVaLP(vae, vae_cfg, run_cfg, groups, energies.to(device).eval(), sampler.to(device).eval())
 
 
-__all__ = ["EVaLPTask", "TrainedEVaLP", "build_prior_modules", "load_evalp", "load_vae_for_stage2", "train_evalp",
+__all__ = ["EVaLPTask", "TrainedEVaLP", "build_prior_modules", "ddp_if_distributed", "embedded_vae_state",
+           "load_embedded_vae", "load_evalp", "load_vae_for_stage2", "train_evalp", "train_frozen_prior",
            "vae_fingerprint"]

@@ -46,7 +46,7 @@ def _check_common(report: dict) -> None:
 
 
 def test_every_checkpoint_kind_evaluates_against_the_same_posterior(checkpoints):
-    # FID once: its 2048-d matrix square root alone costs 15-30 s on a shared CPU.
+    # FID once: the Inception features of the reference and generated images dominate this test.
     stage1 = _evaluate(checkpoints, "nvae", "stage1.json")
     stage2 = _evaluate(checkpoints, "evalp", "stage2.json", *FID, "--sir", "5")
     assert (checkpoints["cache"] / "fid_stats_synthetic-train.npz").is_file()

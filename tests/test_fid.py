@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -151,6 +152,106 @@ def test_frechet_distance_closed_form_for_commuting_covariances() -> None:
         rotation @ mu1, rotation @ np.diag(s1) @ rotation.T, rotation @ mu2, rotation @ np.diag(s2) @ rotation.T
     )
     assert rotated == pytest.approx(expected, rel=1e-8)
+
+
+def _sqrtm_frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """pytorch-fid's formula, tr sqrtm(sigma1 sigma2) by scipy.linalg.sqrtm: the value frechet_distance must keep."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean).real)
+
+
+def _exact_frechet_distance(x1: np.ndarray, x2: np.ndarray) -> float:
+    """FID of two sample sets (n_i, D) by a route exact to rounding whatever the rank.
+
+    sigma_i = A_i^T A_i with A_i the centred samples / sqrt(n_i - 1), and the non-zero eigenvalues of
+    A_1^T A_1 A_2^T A_2 are those of (A_1 A_2^T)(A_1 A_2^T)^T, so tr sqrtm(sigma1 sigma2) is the sum of the
+    singular values of the small (n_1, n_2) matrix A_1 A_2^T.
+    """
+    a1 = (x1 - x1.mean(0)) / np.sqrt(len(x1) - 1)
+    a2 = (x2 - x2.mean(0)) / np.sqrt(len(x2) - 1)
+    diff = x1.mean(0) - x2.mean(0)
+    trace_covmean = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    return float(diff @ diff + np.sum(a1 * a1) + np.sum(a2 * a2) - 2.0 * trace_covmean)
+
+
+def _feature_like_samples(gen: np.random.Generator, n1: int, n2: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two sample sets whose covariances differ in scale and eigenvectors, with a decaying spectrum."""
+    scales = np.exp(-np.arange(d) / (d / 8))  # standard deviations from 1 down to 3e-4
+    mixing = np.eye(d) + 0.1 * gen.normal(size=(d, d)) / np.sqrt(d)
+    return gen.normal(size=(n1, d)) * scales + gen.random(d), 1.3 * (gen.normal(size=(n2, d)) @ mixing) * scales
+
+
+@pytest.mark.parametrize(
+    "n1, n2", [(500, 400), (20, 30), (200, 30)], ids=["full-rank", "both-singular", "one-singular"]
+)
+def test_frechet_distance_matches_sqrtm_formula(n1: int, n2: int) -> None:
+    """The eigenvalue route gives pytorch-fid's sqrtm value in 64 dimensions, singular covariances included."""
+    x1, x2 = _feature_like_samples(np.random.default_rng(n1 + n2), n1, n2, 64)
+    stats1, stats2 = np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+    value = frechet_distance(x1.mean(0), stats1, x2.mean(0), stats2)
+    assert value == pytest.approx(_sqrtm_frechet_distance(x1.mean(0), stats1, x2.mean(0), stats2), rel=1e-6)
+    if min(n1, n2) < 64:  # and the exact value, which sqrtm itself misses by up to ~1e-9 here
+        assert value == pytest.approx(_exact_frechet_distance(x1, x2), rel=1e-10)
+
+
+def test_frechet_distance_exact_for_singular_covariances_in_2048_dimensions() -> None:
+    """At Inception's 2048 dimensions with 40 and 50 samples (rank 39 and 49), against the exact value.
+
+    (sqrtm at this size costs tens of seconds; the 64-dimensional test above compares with it.)
+    """
+    x1, x2 = _feature_like_samples(np.random.default_rng(4), 40, 50, 2048)
+    value = frechet_distance(x1.mean(0), np.cov(x1, rowvar=False), x2.mean(0), np.cov(x2, rowvar=False))
+    assert value == pytest.approx(_exact_frechet_distance(x1, x2), rel=1e-10)
+
+
+def test_frechet_distance_closed_form_for_singular_diagonal_covariances() -> None:
+    """Diagonal covariances with zero variances: sum (sqrt(s1) - sqrt(s2))^2 + ||mu1 - mu2||^2, also rotated."""
+    gen = np.random.default_rng(5)
+    d = 64
+    mu1, mu2 = gen.normal(size=d), gen.normal(size=d)
+    s1, s2 = gen.uniform(0.0, 2.0, size=d), gen.uniform(0.0, 2.0, size=d)
+    s1[:20] = 0.0  # rank 44
+    s2[10:30] = 0.0  # rank 44; both zero on 10 coordinates
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-12)
+    rotation, _ = np.linalg.qr(gen.normal(size=(d, d)))
+    rotated = frechet_distance(
+        rotation @ mu1, rotation @ np.diag(s1) @ rotation.T, rotation @ mu2, rotation @ np.diag(s2) @ rotation.T
+    )
+    # Rounding in the rotation turns zero variances into ~1e-16 ones: sigma1's are dropped as round-off,
+    # but sigma2's enter through square roots of ~1e-16 products, ~1e-9 relative in all.
+    assert rotated == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_rejects_non_covariances() -> None:
+    """NaN statistics and an indefinite 'covariance' are errors, not a number."""
+    mu, eye = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        frechet_distance(mu, eye * np.nan, mu, eye)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        frechet_distance(mu, np.diag([1.0, -0.5, 1.0]), mu, eye)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        frechet_distance(mu, eye, mu, np.diag([1.0, -0.5, 1.0]))
+
+
+def test_frechet_distance_offsets_diagonals_when_the_eigensolver_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the eigensolver does not converge, eps is added to both diagonals and the trace is recomputed."""
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+    real = fid._trace_sqrt_product
+
+    def flaky(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+        calls.append((sigma1, sigma2))
+        if len(calls) == 1:
+            raise np.linalg.LinAlgError("did not converge")
+        return real(sigma1, sigma2)
+
+    monkeypatch.setattr(fid, "_trace_sqrt_product", flaky)
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 1.0])
+    value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=0.5)
+    np.testing.assert_array_equal(calls[1][0], s1 + 0.5 * np.eye(2))
+    np.testing.assert_array_equal(calls[1][1], s2 + 0.5 * np.eye(2))
+    assert value == pytest.approx(10.0 - 2.0 * 2 * np.sqrt(1.5 * 4.5))
 
 
 def test_merged_halves_equal_whole_exactly() -> None:

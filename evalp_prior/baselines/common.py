@@ -1,7 +1,8 @@
 """What the baseline priors share: typed settings, the frozen-NVAE training task, checkpoints, loading.
 
 Both baselines (Langevin-MCMC energy prior, NCP) attach to the same frozen NVAE as EVaLP, with the same
-EnergySet networks on the same groups, and train through the shared loop (nvae.runtime.loop).
+EnergySet networks on the same groups, and train through the same run as EVaLP
+(evalp_prior.train.train_frozen_prior over nvae.runtime.loop).
 """
 from __future__ import annotations
 
@@ -9,53 +10,33 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from nvae.config import NVAERunConfig
-from nvae.data import dataset_info, get_dataset
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
-from nvae.runtime import (CheckpointError, DistContext, Precision, RunLogger, StopSignal, all_gather_object,
-                          load_checkpoint)
-from nvae.runtime.loop import isolated_rng, loop_settings, planned_steps, run_training, steps_per_epoch
+from nvae.runtime import DistContext, Precision, RunLogger, StopSignal, all_gather_object, load_checkpoint
 from nvae.train import binarize_if_needed, sample_images, split_for_rank
 
+from ..config import FrozenPriorConfig
 from ..energy import EnergySet
 from ..groups import parse_groups
 from ..metrics.mmd import posterior_bandwidth, prior_hole_mmd
 from ..objectives import GroupBatch
-from ..train import posterior_group_batches, save_text_atomic, vae_fingerprint
+from ..train import (ddp_if_distributed, embedded_vae_state, load_embedded_vae, posterior_group_batches,
+                     train_frozen_prior)
 
 
 @dataclass
-class BaselineConfig:
-    """Settings every baseline shares: which groups, the energy networks, optimisation and cadence."""
+class BaselineConfig(FrozenPriorConfig):
+    """The settings every prior on a frozen NVAE shares, and one optimiser's."""
 
-    groups: str = "all"  # all | top | comma-separated group indices (as EVaLP's --groups)
-    energy_hidden: int = 64
-    share_energy_within_scale: bool = False
-    energy_spectral_norm: bool = False
     lr: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    batch_size: int = 64  # per process
-    epochs: int = 1
-    max_steps: int = 0  # >0 caps the run
-    precision: str = "fp32"
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 50
-    eval_every: int = 0  # steps; 0 = every epoch end
-    eval_batches: int = 10
-    ckpt_every: int = 500
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 20
-    sample_temperature: float = 1.0
-    bn_readjust_batches: int = 20
 
 
 @dataclass
@@ -68,8 +49,7 @@ class BaselineRunConfig:
 
     def to_json(self) -> str:
         """JSON of the settings, the NVAE path and its fingerprint."""
-        return json.dumps({"prior": dataclasses.asdict(self.prior), "vae_path": self.vae_path,
-                           "vae_fingerprint": self.vae_fingerprint}, sort_keys=True)
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, config_cls: type) -> "BaselineRunConfig":
@@ -102,8 +82,7 @@ class BaselineTask:
         vae.eval().requires_grad_(False)
         self.groups, energies = build_energies(cfg, vae)
         self.energies = energies.to(ctx.device)
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        self.energy_net = DistributedDataParallel(self.energies, device_ids=ids) if ctx.is_distributed else self.energies
+        self.energy_net = ddp_if_distributed(self.energies, ctx)
         self.optimizer = torch.optim.Adam(self.energies.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.precision = Precision.create(cfg.precision, ctx.device)
         self.last_metrics: dict[str, float] = {}
@@ -111,6 +90,11 @@ class BaselineTask:
     def config_json(self) -> str:
         """The run config stored in every checkpoint."""
         return self.run_cfg.to_json()
+
+    def describe(self) -> str:
+        """What is trained, for the run's first log line."""
+        size = sum(p.numel() for p in self.energies.parameters())
+        return f"{self.kind} prior on groups {self.groups}: {size / 1e3:.1f}k parameters"
 
     def loss(self, batches: list[GroupBatch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective summed over groups and detached per-group stats."""
@@ -177,39 +161,13 @@ class BaselineTask:
     def state_dict(self) -> dict[str, Any]:
         """Networks, optimiser, scaler, and the frozen NVAE (config and weights)."""
         return {"energies": self.energies.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.precision.scaler.state_dict(),
-                # The frozen NVAE travels with the prior (as in a stage-2 checkpoint), so it samples on its own.
-                "vae": {"config": self.vae_cfg.to_json(), "model": self.vae.state_dict()}}
+                "scaler": self.precision.scaler.state_dict(), "vae": embedded_vae_state(self.vae, self.vae_cfg)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict saved (the NVAE is the one the task was built with)."""
         self.energies.load_state_dict(state["energies"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
-
-
-def train_baseline(task_cls: type, run_cfg: BaselineRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext,
-                   run_dir: Path, logger: RunLogger, resume: Optional[Path] = None,
-                   stop: Optional[StopSignal] = None) -> int:
-    """Train a baseline prior to completion (or pre-emption); writes checkpoints, samples.png, final_metrics.json."""
-    cfg, tc = run_cfg.prior, vae_cfg.train
-    info = dataset_info(tc.dataset, tc.data_root)
-    train_set = get_dataset(tc.dataset, "train", tc.data_root)
-    test_set = get_dataset(tc.dataset, "test", tc.data_root)
-    per_epoch = steps_per_epoch(len(train_set), ctx.world_size, cfg.batch_size)
-    total_steps = planned_steps(cfg, per_epoch)
-    task = task_cls(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger)
-    size = sum(p.numel() for p in task.energies.parameters())
-    logger.info(f"{task.kind} prior on groups {task.groups}: {size / 1e3:.1f}k parameters; {total_steps} steps "
-                f"on {ctx.world_size} process(es), {cfg.precision}")
-    status = run_training(task, train_set, ctx, loop_settings(cfg, total_steps), run_dir, logger, resume, stop)
-    if status == 0 and ctx.is_main:
-        with isolated_rng(ctx):
-            images = sample_images(vae, 64, cfg.sample_temperature, task.prior(), bn_batches=cfg.bn_readjust_batches)
-        logger.images("final_samples", images, total_steps, png_path="samples.png")
-        save_text_atomic(run_dir / "final_metrics.json", json.dumps(task.last_metrics, indent=2, sort_keys=True) + "\n")
-        logger.info(f"wrote {run_dir / 'samples.png'} and {run_dir / 'final_metrics.json'}")
-    return status
 
 
 @dataclass
@@ -224,16 +182,29 @@ class TrainedBaseline:
     energies: EnergySet
 
 
-def load_baseline(path: Path, device: torch.device, kind: str, config_cls: type) -> TrainedBaseline:
-    """Everything a baseline checkpoint of ``kind`` holds; the embedded NVAE must match its fingerprint."""
-    payload = load_checkpoint(path, expected_kind=kind, map_location=device)
-    run_cfg = BaselineRunConfig.from_json(payload["config"], config_cls)
-    vae_cfg = NVAERunConfig.from_json(payload["task"]["vae"]["config"])
-    vae = NVAE(vae_cfg.model).to(device)
-    vae.load_state_dict(payload["task"]["vae"]["model"])
-    vae.eval()
-    if vae_fingerprint(vae) != run_cfg.vae_fingerprint:
-        raise CheckpointError(f"{path}: the embedded NVAE does not match the fingerprint recorded at training time")
-    groups, energies = build_energies(run_cfg.prior, vae)
-    energies.load_state_dict(payload["task"]["energies"])
-    return TrainedBaseline(kind, vae, vae_cfg, run_cfg, groups, energies.to(device).eval())
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline's entry points, from its checkpoint kind, task class and settings class."""
+
+    kind: str
+    task_cls: Callable[..., BaselineTask]
+    config_cls: type
+
+    def run_config(self, vae_path: str, fingerprint: str, **settings: Any) -> BaselineRunConfig:
+        """A run config from keyword settings (fields of config_cls)."""
+        return BaselineRunConfig(self.config_cls(**settings), vae_path, fingerprint)
+
+    def train(self, run_cfg: BaselineRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path,
+              logger: RunLogger, resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
+        """Train the baseline to completion (or pre-emption); writes checkpoints, samples.png, final_metrics.json."""
+        return train_frozen_prior(self.task_cls, run_cfg, run_cfg.prior, vae, vae_cfg, ctx, run_dir, logger, resume,
+                                  stop)
+
+    def load(self, path: Path, device: torch.device) -> TrainedBaseline:
+        """Everything a checkpoint of this kind holds; the embedded NVAE must match its fingerprint."""
+        payload = load_checkpoint(path, expected_kind=self.kind, map_location=device)
+        run_cfg = BaselineRunConfig.from_json(payload["config"], self.config_cls)
+        vae, vae_cfg = load_embedded_vae(payload, path, device, run_cfg.vae_fingerprint)
+        groups, energies = build_energies(run_cfg.prior, vae)
+        energies.load_state_dict(payload["task"]["energies"])
+        return TrainedBaseline(self.kind, vae, vae_cfg, run_cfg, groups, energies.to(device).eval())

@@ -24,12 +24,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from nvae.config import NVAERunConfig
-from nvae.model import NVAE
-from nvae.runtime import DistContext, RunLogger, StopSignal
 
 from ..objectives import GroupBatch
-from .common import BaselineConfig, BaselineRunConfig, BaselineTask, TrainedBaseline, load_baseline, train_baseline
+from .common import Baseline, BaselineConfig, BaselineTask, TrainedBaseline
 
 KIND = "langevin"
 
@@ -140,15 +137,10 @@ class LangevinTask(BaselineTask):
         return z_neg, {"energy_gap": gap}
 
 
-def langevin_run_config(vae_path: str, fingerprint: str, **settings) -> BaselineRunConfig:
-    """A Langevin run config from keyword settings (LangevinConfig fields)."""
-    return BaselineRunConfig(LangevinConfig(**settings), vae_path, fingerprint)
-
-
-def train_langevin(run_cfg: BaselineRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path,
-                   logger: RunLogger, resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
-    """Train the Langevin prior with the shared loop (see train_baseline)."""
-    return train_baseline(LangevinTask, run_cfg, vae, vae_cfg, ctx, run_dir, logger, resume, stop)
+# The shared entry points (common.Baseline) under this baseline's public names.
+LANGEVIN = Baseline(KIND, LangevinTask, LangevinConfig)
+langevin_run_config = LANGEVIN.run_config
+train_langevin = LANGEVIN.train
 
 
 @dataclass
@@ -167,4 +159,4 @@ class TrainedLangevin:
 
 def load_langevin(path: Path, device: torch.device) -> TrainedLangevin:
     """A Langevin checkpoint with its frozen NVAE."""
-    return TrainedLangevin(load_baseline(path, device, KIND, LangevinConfig))
+    return TrainedLangevin(LANGEVIN.load(path, device))

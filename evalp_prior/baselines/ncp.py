@@ -17,14 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvae.config import NVAERunConfig
 from nvae.distributions import draw_normal
-from nvae.model import NVAE
-from nvae.runtime import DistContext, RunLogger, StopSignal
 
 from ..objectives import GroupBatch
-from ..sir import sir_log_weight, sir_select
-from .common import BaselineConfig, BaselineRunConfig, BaselineTask, TrainedBaseline, load_baseline, train_baseline
+from ..sir import DEFAULT_SIR_CHUNK, sir_log_weight, sir_select
+from .common import Baseline, BaselineConfig, BaselineTask, TrainedBaseline
 
 KIND = "ncp"
 
@@ -58,7 +55,7 @@ class NCPPrior:
     """
 
     def __init__(self, energies: nn.Module, groups: Sequence[int], sir_proposals: int = 100,
-                 sir_groups: Optional[Sequence[int]] = None, sir_chunk: int = 100) -> None:
+                 sir_groups: Optional[Sequence[int]] = None, sir_chunk: int = DEFAULT_SIR_CHUNK) -> None:
         if sir_proposals < 1 or sir_chunk < 1:
             raise ValueError(f"need sir_proposals >= 1 and sir_chunk >= 1, got {sir_proposals}, {sir_chunk}")
         self.energies = energies
@@ -133,15 +130,10 @@ class NCPTask(BaselineTask):
         return z_prior, {"accuracy": accuracy, "logit_gap": logit_pos - logit_neg}
 
 
-def ncp_run_config(vae_path: str, fingerprint: str, **settings) -> BaselineRunConfig:
-    """An NCP run config from keyword settings (NCPConfig fields)."""
-    return BaselineRunConfig(NCPConfig(**settings), vae_path, fingerprint)
-
-
-def train_ncp(run_cfg: BaselineRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path,
-              logger: RunLogger, resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
-    """Train the NCP classifiers with the shared loop (see train_baseline)."""
-    return train_baseline(NCPTask, run_cfg, vae, vae_cfg, ctx, run_dir, logger, resume, stop)
+# The shared entry points (common.Baseline) under this baseline's public names.
+NCP = Baseline(KIND, NCPTask, NCPConfig)
+ncp_run_config = NCP.run_config
+train_ncp = NCP.train
 
 
 @dataclass
@@ -151,7 +143,7 @@ class TrainedNCP:
     base: TrainedBaseline
 
     def prior(self, sir_proposals: Optional[int] = None, sir_groups: Optional[Sequence[int]] = None,
-              sir_chunk: int = 100) -> NCPPrior:
+              sir_chunk: int = DEFAULT_SIR_CHUNK) -> NCPPrior:
         """The hook with the run's M (or another), SIR at every NCP group unless sir_groups says otherwise."""
         m = self.base.run_cfg.prior.sir_proposals if sir_proposals is None else sir_proposals
         return NCPPrior(self.base.energies, self.base.groups, m, sir_groups, sir_chunk)
@@ -159,4 +151,4 @@ class TrainedNCP:
 
 def load_ncp(path: Path, device: torch.device) -> TrainedNCP:
     """An NCP checkpoint with its frozen NVAE."""
-    return TrainedNCP(load_baseline(path, device, KIND, NCPConfig))
+    return TrainedNCP(NCP.load(path, device))

@@ -260,29 +260,58 @@ def frechet_distance(
 ) -> float:
     """Fréchet distance ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) between two Gaussians.
 
-    As in pytorch-fid: sqrtm via scipy.linalg.sqrtm. With fewer samples than dimensions the covariances
-    are singular and so is their product; if the square root comes out non-finite, eps is added to both
-    diagonals and it is recomputed. Rounding can leave tiny imaginary parts (an eigenvalue of about -1e-12
-    has an imaginary root); they are dropped when the diagonal's are below 1e-3, else it is an error.
+    tr sqrtm(sigma1 sigma2) is the sum of the square roots of the eigenvalues of sigma1 sigma2, which for
+    covariances are real and non-negative (those of B^T sigma2 B, where sigma1 = B B^T); see
+    _trace_sqrt_product. That is the value of pytorch-fid's scipy.linalg.sqrtm formula, several times faster
+    at 2048 dimensions. Singular covariances (fewer samples than dimensions) need no offset; eps is added
+    to both diagonals only if an eigensolver fails to converge. Non-finite input, or an eigenvalue below
+    -1e-6 (an imaginary square root above pytorch-fid's 1e-3 tolerance: not a covariance), is a ValueError.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("FID: the means or covariances hold NaN or inf")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # scipy warns on singular input; that case is handled below by checking the result.
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            logger.warning("FID: singular covariance product; adding %g to the diagonals", eps)
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0.0, atol=1e-3):
-            raise ValueError(f"FID: sqrtm has a large imaginary component ({np.abs(covmean.imag).max():.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    try:
+        trace_covmean = _trace_sqrt_product(sigma1, sigma2)
+    except np.linalg.LinAlgError:
+        logger.warning("FID: the eigensolver did not converge; adding %g to the diagonals", eps)
+        offset = np.eye(sigma1.shape[0]) * eps
+        trace_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr sqrtm(sigma1 sigma2) for symmetric positive semi-definite sigma1, sigma2 (D, D), in float64.
+
+    Symmetric eigensolvers rather than eigvals(sigma1 @ sigma2): symmetric eigenvalues are real, with
+    errors bounded by rounding times the norm, while the non-symmetric product's can come out complex.
+    Measured against 40-digit references (D <= 40): within 1e-15 relative for full-rank covariances, as
+    sqrtm; for singular ones within 1e-13 to 1e-11 of the exact value for the samples, where sqrtm,
+    eigvals and eigvalsh(sqrt(sigma1) sigma2 sqrt(sigma1)) were off by 1e-10 to 1e-9, because the factor
+    below drops sigma1's round-off eigenvalues, whose square roots would be noise (so the singular
+    covariance is best passed as sigma1).
+    """
+    w, v = scipy.linalg.eigh(sigma1)  # ascending
+    _check_psd(w, "sigma1")
+    # Numerical rank as numpy.linalg.matrix_rank counts it: smaller eigenvalues are round-off of zeros.
+    keep = w > max(w[-1], 0.0) * len(w) * np.finfo(np.float64).eps
+    # sigma1 = B B^T with B (D, rank), columns largest first: eigvalsh keeps the small eigenvalues of the
+    # graded B^T sigma2 B accurate in that order (smallest first lost ~1e-11 relative in the comparison).
+    b = (v[:, keep] * np.sqrt(w[keep]))[:, ::-1]
+    product_eigenvalues = scipy.linalg.eigvalsh(b.T @ sigma2 @ b)  # the non-zero eigenvalues of sigma1 sigma2
+    _check_psd(product_eigenvalues, "sigma1 sigma2")
+    # Clip: rounding leaves zero eigenvalues at about -1e-12 (their square roots would be imaginary).
+    return float(np.sqrt(np.clip(product_eigenvalues, 0.0, None)).sum())
+
+
+def _check_psd(eigenvalues: np.ndarray, name: str) -> None:
+    """ValueError when an eigenvalue is negative beyond rounding (below -1e-6)."""
+    if eigenvalues.size and eigenvalues.min() < -1e-6:
+        raise ValueError(f"FID: {name} has eigenvalue {eigenvalues.min():.3g}; "
+                         "a covariance must be positive semi-definite")
 
 
 def _image_batches(data: Iterable[Any]) -> Iterator[torch.Tensor]:
