@@ -198,18 +198,6 @@ class SharedFlowSampler(nn.Module):
         log_q = standard_normal_log_prob(eps) - logdet - _at_least_f32(scale).log().flatten(1).sum(1)
         return z, log_q
 
-    def sample(
-        self,
-        mu_p: torch.Tensor,
-        sigma_p: torch.Tensor,
-        h: torch.Tensor,
-        group: int,
-        temperature: float = 1.0,
-        eps: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Alias of calling the module (``forward``): z and its exact log q (B,)."""
-        return self(mu_p, sigma_p, h, group, temperature=temperature, eps=eps)
-
     def log_prob(
         self,
         z: torch.Tensor,

@@ -17,9 +17,8 @@ from nvae.distributions import draw_normal
 from nvae.hooks import GroupSpec, PriorHook
 from nvae.runtime import RunLogger, load_checkpoint
 from nvae.runtime.signals import PREEMPTED_EXIT_CODE
-from nvae.train import load_trained_nvae, train_nvae
-from tests.helpers import StopAt, tiny_run_config
-from tests.test_stage1 import CPU
+from nvae.train import load_trained_nvae
+from tests.helpers import CPU, StopAt
 
 MU = torch.tensor([0.5, -1.0]).view(1, 2, 1, 1)
 SIGMA = torch.tensor([0.8, 1.5]).view(1, 2, 1, 1)
@@ -169,16 +168,6 @@ def test_ncp_sir_with_an_energy_set_uses_each_items_context():
         torch.manual_seed(1)
         draws.append(NCPPrior(net, [0], sir_proposals=9, sir_chunk=4).sample_group(0, h, mu, sigma, 1.0))
     torch.testing.assert_close(draws[0], draws[1])
-
-
-@pytest.fixture(scope="module")
-def vae_checkpoint(tmp_path_factory):
-    """A barely trained tiny NVAE to attach the baselines to."""
-    run_dir = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    with RunLogger(run_dir, True) as logger:
-        assert train_nvae(tiny_run_config(max_steps=2), CPU, run_dir, logger) == 0
-    return run_dir / "checkpoint.pt"
 
 
 @pytest.mark.parametrize("kind", ["langevin", "ncp"])

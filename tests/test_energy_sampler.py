@@ -124,7 +124,7 @@ def test_identity_at_init_reproduces_nvae_draw_bit_for_bit():
         assert torch.equal(z, nvae_draw)
         torch.testing.assert_close(log_q, gaussian_log_prob(z, mu, temperature * sigma))
     eps = torch.randn_like(mu)
-    z, _ = sampler.sample(mu, sigma, h, 2, eps=eps)
+    z, _ = sampler(mu, sigma, h, 2, eps=eps)
     assert torch.equal(z, mu + sigma * eps)
     _, logdet = sampler.flow(eps, h, 2)
     assert torch.equal(logdet, torch.zeros(6))

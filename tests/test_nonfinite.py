@@ -17,8 +17,7 @@ from nvae.runtime import RunLogger, load_checkpoint
 from nvae.runtime.faults import FaultPlan
 from nvae.runtime.loop import NON_FINITE_EXIT_CODE
 from nvae.train import NVAETask, train_nvae
-from tests.helpers import run_script, tiny_run_config
-from tests.test_stage1 import CPU
+from tests.helpers import CPU, run_script, tiny_run_config
 
 
 def _records(run_dir) -> list[dict]:

@@ -16,16 +16,6 @@ from nvae.train import load_trained_nvae, train_nvae
 from tests.helpers import CPU, StopAt, run_script, tiny_run_config
 
 
-@pytest.fixture(scope="module")
-def vae_checkpoint(tmp_path_factory):
-    """A (barely) trained tiny NVAE on synthetic images: the frozen model stage 2 attaches to."""
-    run_dir = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    with RunLogger(run_dir, True) as logger:
-        assert train_nvae(tiny_run_config(max_steps=2), CPU, run_dir, logger) == 0
-    return run_dir / "checkpoint.pt"
-
-
 def _stage2_config(vae, **kw) -> EVaLPRunConfig:
     settings = dict(batch_size=8, max_steps=6, n_critic=2, energy_hidden=8, sampler_hidden=8, num_couplings=2,
                     log_every=1, eval_batches=1, bn_readjust_batches=1, ckpt_every=100, lr_energy=1e-3,
