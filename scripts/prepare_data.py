@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                     overwrite=args.overwrite, progress=not args.no_progress)
     except DatasetError as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {args.out}: " + ", ".join(f"{split} {n} images" for split, n in counts.items()))
     return 0
 

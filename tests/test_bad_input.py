@@ -75,6 +75,8 @@ CASES = [
     Case("s1-dataset-unknown", "train_nvae", S1 + ["--dataset", "imagenet"], 2,
          "unknown data set 'imagenet'; available: celeba64, cifar10, fashion_mnist, lmdb, mnist, synthetic"),
     Case("s1-resume-missing", "train_nvae", S1 + ["--resume", "{tmp}/none.pt"], 2, "checkpoint not found"),
+    Case("s1-save-holds-checkpoint", "train_nvae", S1 + ["--save", "{vae_dir}"], 2,
+         "exists: pass --resume auto to continue that run, or choose a new run directory"),
     Case("s1-resume-stage2", "train_nvae", S1 + ["--resume", "{evalp}"], 2,
          "is a 'evalp' (stage-2) checkpoint but a 'nvae' (stage-1) checkpoint is required"),
     Case("s1-resume-corrupt", "train_nvae", S1 + ["--resume", "{corrupt}"], 2, "is not a checkpoint or corrupt"),
@@ -129,6 +131,8 @@ CASES = [
          "is a directory; pass the checkpoint file, e.g."),
     Case("s2-vae-is-stage2", "train_nvae_evalp", S2 + ["--vae", "{evalp}"], 2,
          "is a 'evalp' (stage-2) checkpoint but a 'nvae' (stage-1) checkpoint is required"),
+    Case("s2-save-holds-checkpoint", "train_nvae_evalp", S2 + ["--save", "{evalp_dir}"], 2,
+         "exists: pass --resume auto to continue that run, or choose a new run directory"),
     Case("s2-resume-stage1", "train_nvae_evalp", S2 + ["--resume", "{vae}"], 2,
          "is a 'nvae' (stage-1) checkpoint but a 'evalp' (stage-2) checkpoint is required"),
     Case("s2-resume-other-vae", "train_nvae_evalp", S2 + ["--vae", "{other_vae}", "--resume", "{evalp}"], 2,
@@ -198,11 +202,11 @@ CASES = [
          "--prior gaussian does not resample, so --sir-groups would be ignored; use with --prior evalp or ncp"),
     Case("eval-sir-weights-without-sir", "evaluate", EVAL + ["--checkpoint", "{evalp}", "--sir-weights", "energy"], 2,
          "SIR is off for --prior evalp without --sir M, so --sir-weights would be ignored"),
-    # ---- scripts/prepare_data.py (its own errors exit 1, argument errors 2)
-    Case("prep-src-missing", "prepare_data", PREP + ["--src", "{tmp}/nowhere"], 1,
+    # ---- scripts/prepare_data.py
+    Case("prep-src-missing", "prepare_data", PREP + ["--src", "{tmp}/nowhere"], 2,
          "does not exist or is not a directory"),
-    Case("prep-src-without-images", "prepare_data", PREP + ["--src", "{empty}"], 1, "no images ("),
-    Case("prep-out-exists", "prepare_data", PREP + ["--out", "{lmdb_good}"], 1,
+    Case("prep-src-without-images", "prepare_data", PREP + ["--src", "{empty}"], 2, "no images ("),
+    Case("prep-out-exists", "prepare_data", PREP + ["--out", "{lmdb_good}"], 2,
          "already exists; pass --overwrite to replace it"),
     Case("prep-celeba64-size", "prepare_data", PREP + ["--dataset", "celeba64", "--size", "32"], 2,
          "celeba64 images are 3x64x64; use --dataset lmdb for other sizes or channel counts"),
@@ -264,7 +268,7 @@ def paths(tmp_path_factory) -> dict[str, Path]:
         (images / f"{i}.png").write_bytes(_png(40))
     return {
         "vae": vae_dir / "checkpoint.pt", "vae_dir": vae_dir, "other_vae": other_dir / "checkpoint.pt",
-        "evalp": evalp_dir / "checkpoint.pt", "corrupt": corrupt, "images": images, "empty": empty,
+        "evalp": evalp_dir / "checkpoint.pt", "evalp_dir": evalp_dir, "corrupt": corrupt, "images": images, "empty": empty,
         "langevin": train_prior_checkpoint("langevin", vae_dir / "checkpoint.pt", base / "langevin", max_steps=1),
         "lmdb_good": _lmdb(base / "lmdb_good"),
         "lmdb_bad_length": _lmdb(base / "lmdb_bad_length", length=41),

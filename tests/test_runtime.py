@@ -105,6 +105,7 @@ def test_rng_round_trip_through_weights_only_checkpoint(tmp_path):
 def test_manager_prunes_snapshots_and_resolves_resume(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     assert manager.latest_path() is None and resolve_resume("auto", tmp_path) is None
+    assert resolve_resume(None, tmp_path) is None  # a fresh run in an empty directory
     for step in (10, 20, 30):
         manager.save(_payload(step), step)
     names = sorted(p.name for p in tmp_path.iterdir())
@@ -112,7 +113,8 @@ def test_manager_prunes_snapshots_and_resolves_resume(tmp_path):
     assert load_checkpoint(manager.latest_path(), "nvae")["step"] == 30
     assert load_checkpoint(tmp_path / "checkpoint_00000020.pt", "nvae")["step"] == 20
     assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoint.pt"
-    assert resolve_resume(None, tmp_path) is None
+    with pytest.raises(CheckpointError, match="pass --resume auto"):
+        resolve_resume(None, tmp_path)  # a fresh run would overwrite checkpoint.pt
     assert resolve_resume(str(tmp_path / "checkpoint_00000020.pt"), tmp_path).name == "checkpoint_00000020.pt"
     with pytest.raises(CheckpointError, match="not found"):
         resolve_resume(str(tmp_path / "checkpoint_00000010.pt"), tmp_path)

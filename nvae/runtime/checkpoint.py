@@ -214,8 +214,15 @@ class CheckpointManager:
 
 
 def resolve_resume(arg: Optional[str], run_dir: PathLike) -> Optional[Path]:
-    """Map `--resume` to a file: None = fresh run, 'auto' = run_dir's checkpoint.pt if any, else that path."""
+    """Map `--resume` to a file: None = fresh run, 'auto' = run_dir's checkpoint.pt if any, else that path.
+
+    A fresh run refuses a run_dir that already holds a checkpoint: it would overwrite it.
+    """
     if arg is None or arg == "":
+        existing = CheckpointManager(run_dir).latest_path()
+        if existing is not None:
+            raise CheckpointError(f"{existing} exists: pass --resume auto to continue that run, or choose a new "
+                                  "run directory (a fresh run would overwrite it)")
         return None
     if arg == "auto":
         return CheckpointManager(run_dir).latest_path()
