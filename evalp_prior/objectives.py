@@ -27,16 +27,21 @@ def gradient_penalty(
     z_neg: torch.Tensor,
     h: torch.Tensor,
     generator: torch.Generator | None = None,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """WGAN-GP term of L_E (SPEC section 1, energy step): mean_i (||grad_z E(z_hat_i, h_i)|| - 1)^2.
 
     z_hat = u z+ + (1 - u) z- with u ~ U(0, 1) per sample; the gradient keeps its graph
     (create_graph=True) so the penalty trains the energy. ``energy_fn(z, h) -> (B,)``.
+    ``grad_scale`` (the fp16 loss scale) multiplies the energies before the input gradient is taken and
+    divides it out in float32 afterwards, so that the gradient's fp16 intermediates do not underflow
+    (PyTorch's AMP recipe for gradient penalties); the result does not depend on it otherwise.
     """
     u = torch.rand(z_pos.shape[0], generator=generator, device=z_pos.device, dtype=z_pos.dtype)
     u = u.view(-1, *([1] * (z_pos.dim() - 1)))
     z_hat = (u * z_pos.detach() + (1 - u) * z_neg.detach()).requires_grad_(True)
-    (grad,) = torch.autograd.grad(energy_fn(z_hat, h).sum(), z_hat, create_graph=True)
+    (grad,) = torch.autograd.grad(energy_fn(z_hat, h).sum() * grad_scale, z_hat, create_graph=True)
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32)) / grad_scale
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
@@ -129,6 +134,7 @@ def alternating_step(
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     backward_and_step: BackwardAndStep = plain_backward_and_step,
     frozen_energies: nn.Module | None = None,
+    gp_grad_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """One EVaLP training step for all groups in ``batch``: an energy step, then a sampler step when
     ``(step + 1) % n_critic == 0`` (SPEC section 1; the group losses are summed).
@@ -141,7 +147,8 @@ def alternating_step(
     none in the sampler step (they are frozen), so each closure only ever sees its own gradients.
     ``frozen_energies`` (default ``energies``) is the module the sampler step freezes and evaluates:
     pass the unwrapped EnergySet when ``energies`` is DDP-wrapped, so that no DDP forward runs in a
-    step whose energy parameters get no gradient.
+    step whose energy parameters get no gradient. ``gp_grad_scale``: the energy step's fp16 loss scale
+    (see ``gradient_penalty``).
 
     Returns detached 0-dim tensors: ``energy_gap/group{l}`` and ``gp/group{l}`` per group, their
     ``/mean``, ``energy_loss``, ``energy_step_taken``, ``sampler_step`` (1 when a sampler step ran) and,
@@ -159,7 +166,8 @@ def alternating_step(
             n = b.z_pos.shape[0]
             # One evaluation for positives and negatives: energies are per-sample, so this is exact.
             e = energies(b.group, torch.cat([b.z_pos, z_neg.to(b.z_pos.dtype)]), torch.cat([b.h, b.h]))
-            gp = gradient_penalty(lambda z, h, g=b.group: energies(g, z, h), b.z_pos, z_neg, b.h)
+            gp = gradient_penalty(lambda z, h, g=b.group: energies(g, z, h), b.z_pos, z_neg, b.h,
+                                  grad_scale=gp_grad_scale)
             loss, group_stats = energy_loss(e[:n], e[n:], gp, config.lambda_gp)
             total = loss if total is None else total + loss
             stats[f"energy_gap/group{b.group}"] = group_stats["energy_gap"]

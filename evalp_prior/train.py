@@ -134,7 +134,7 @@ class EVaLPTask:
         group_batches = posterior_group_batches(self.vae, x, self.groups, self.energy_prec)
         stats = alternating_step(group_batches, self.energy_net, self.sampler_net, self.energy_opt, self.sampler_opt,
                                  step, self.objective, self.energy_prec.autocast, self._backward_and_step,
-                                 frozen_energies=self.energies)
+                                 frozen_energies=self.energies, gp_grad_scale=self.energy_prec.loss_scale())
         if not bool(stats["energy_step_taken"]) or not bool(stats.get("sampler_step_taken", 1.0)):
             return None
         return stats

@@ -278,17 +278,17 @@ def test_prepare_grey_and_celeba_crop(tmp_path):
 
 
 def test_prepare_errors_leave_nothing_behind(tmp_path, capsys):
-    assert prepare_data.main(["--dataset", "lmdb", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert prepare_data.main(["--dataset", "lmdb", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "source directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert prepare_data.main(["--dataset", "lmdb", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    assert prepare_data.main(["--dataset", "lmdb", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no images" in capsys.readouterr().err
     src = tmp_path / "src"
     _write_pngs(src, 6, 8)
     (src / "b" / "zzz.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
     argv = ["--dataset", "lmdb", "--src", str(src), "--out", str(out), "--size", "8", "--no-progress"]
-    assert prepare_data.main(argv) == 1
+    assert prepare_data.main(argv) == 2
     assert "zzz.png" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "src"]  # no out, no temporary directory
     # With --overwrite, a failing rebuild keeps the previous databases.
@@ -296,7 +296,7 @@ def test_prepare_errors_leave_nothing_behind(tmp_path, capsys):
     assert prepare_data.main(argv) == 0
     before = get_dataset("lmdb", "train", root=str(out))[0]
     (src / "b" / "zzz.png").write_bytes(b"\x89PNG broken")
-    assert prepare_data.main(argv + ["--overwrite", "--size", "4"]) == 1
+    assert prepare_data.main(argv + ["--overwrite", "--size", "4"]) == 2
     assert torch.equal(get_dataset("lmdb", "train", root=str(out))[0], before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out", "src"]
     with pytest.raises(SystemExit):

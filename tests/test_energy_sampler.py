@@ -152,6 +152,21 @@ def test_gradient_penalty_of_a_linear_energy():
         torch.testing.assert_close(grad, 2 * (norm - 1) * a.detach() / norm)
 
 
+def test_gradient_penalty_loss_scale_keeps_small_fp16_gradients():
+    # E(z) = sum((1e8 z) * 1e-4 * 1e-4) with the products in float16 has input gradient 1 per entry, but
+    # its float16 intermediate gradient (1e-8) underflows to zero unless the energies are scaled first
+    # (the fp16 loss scale, here 2^12); scaled, the penalty is the exact one up to float16 rounding.
+    z_pos, z_neg = 1e-8 * torch.randn(5, 3, 2, 2), 1e-8 * torch.randn(5, 3, 2, 2)
+
+    def energy(z, h):
+        return (((z * 1e8).half() * 1e-4) * 1e-4).float().flatten(1).sum(1)
+
+    exact = (math.sqrt(12) - 1) ** 2  # ||grad E|| = sqrt(12) for every sample
+    assert gradient_penalty(energy, z_pos, z_neg, None).item() == 1.0  # every gradient entry flushed to zero
+    scaled = gradient_penalty(energy, z_pos, z_neg, None, grad_scale=2.0**12)
+    torch.testing.assert_close(scaled, torch.tensor(exact), rtol=1e-2, atol=0)
+
+
 def test_loss_formulas():
     e_pos, e_neg = torch.tensor([1.0, 3.0]), torch.tensor([0.0, -2.0])
     loss, stats = energy_loss(e_pos, e_neg, torch.tensor(0.5), lambda_gp=10.0)

@@ -36,6 +36,10 @@ class Precision:
         scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")
         return cls(mode, device, scaler)
 
+    def loss_scale(self) -> float:
+        """The gradient scaler's current scale (1.0 unless fp16)."""
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
     def autocast(self) -> ContextManager[None]:
         """Context for the forward pass: mixed precision for bf16/fp16, nothing for fp32."""
         if self.mode == "fp32":
