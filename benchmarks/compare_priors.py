@@ -8,7 +8,7 @@ prior-hole MMD^2 (one posterior-set kernel for all rows), seconds per image (all
 and its ratio to the Gaussian prior. Every stage's checkpoint is reused when present in --out, so an
 interrupted run continues and a rerun with extra rows only trains what is new.
 
-CPU default (about 10 min on two idle cores; with --sir 100 1000 --evalp-kl-weights 0.001 1 --threads 2, 14 min):
+CPU default (docs/results.md: 14 min on two idle cores with --sir 100 1000 --evalp-kl-weights 0.001 1 --threads 2):
     python benchmarks/compare_priors.py --out runs/compare_priors
 GPU scale-up example:
     python benchmarks/compare_priors.py --preset mnist --vae-steps 60000 --prior-steps 20000 --fid-samples 10000 \\
