@@ -108,5 +108,8 @@ def test_crash_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
         assert load_checkpoint(run_dir / name, "nvae")["step"] == 2
     status, output = _run([sys.executable, *args, "--resume", "auto"], tmp_path / "resume.log")
     assert status == 0, output[-3000:]
-    assert f"resumed from {run_dir / 'checkpoint.pt'} at step 2 " in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert f"resumed from {run_dir / 'checkpoint.pt'} at step 2 " in log
+    assert "left by a checkpoint save that was killed" in log
+    assert not list(run_dir.glob(".*.tmp")), "the restart should have removed the half-written file"
     assert load_checkpoint(run_dir / "checkpoint.pt", "nvae")["step"] == 6

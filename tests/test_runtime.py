@@ -102,6 +102,18 @@ def test_rng_round_trip_through_weights_only_checkpoint(tmp_path):
     assert torch.equal(got[3], expected[3])
 
 
+def test_manager_removes_only_the_temporaries_of_interrupted_saves(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(_payload(10), 10)
+    stale = [".checkpoint.pt.4242.0a1b2c3d.tmp", ".checkpoint_00000020.pt.4242.tmp"]
+    kept = ["checkpoint.pt", "checkpoint_00000010.pt", "notes.tmp", ".checkpoint.pt.swp", "train.log"]
+    for name in stale + kept[2:]:
+        (tmp_path / name).write_bytes(b"half")
+    assert sorted(p.name for p in manager.remove_stale_temporaries()) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert load_checkpoint(manager.latest_path(), "nvae")["step"] == 10
+
+
 def test_manager_prunes_snapshots_and_resolves_resume(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     assert manager.latest_path() is None and resolve_resume("auto", tmp_path) is None

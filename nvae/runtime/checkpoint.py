@@ -23,6 +23,8 @@ PathLike = Union[str, os.PathLike]
 FORMAT_VERSION = 1
 LATEST_NAME = "checkpoint.pt"
 _SNAPSHOT_RE = re.compile(r"^checkpoint_(\d{8,})\.pt$")
+# What save_checkpoint and CheckpointManager write before their rename: .NAME.PID[.UUID8].tmp
+_TEMPORARY_RE = re.compile(r"^\.checkpoint(_\d{8,})?\.pt\.\d+(\.[0-9a-f]{8})?\.tmp$")
 _KIND_STAGE = {"nvae": "stage-1", "evalp": "stage-2"}
 
 
@@ -206,6 +208,19 @@ class CheckpointManager:
                 tmp.unlink()
             raise
         _fsync_dir(snapshot.parent)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files a process killed mid-save left in the run directory; return them.
+
+        Only for the start of a run, when no other process writes checkpoints here.
+        """
+        if not self.run_dir.is_dir():
+            return []
+        stale = [p for p in self.run_dir.iterdir() if _TEMPORARY_RE.match(p.name)]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return stale
 
     def latest_path(self) -> Optional[Path]:
         """The rolling latest checkpoint, or None if none was written yet."""

@@ -116,6 +116,9 @@ def run_training(task: TrainTask, dataset: Dataset, ctx: DistContext, settings: 
     """Train until settings.total_steps; returns 0, PREEMPTED_EXIT_CODE or NON_FINITE_EXIT_CODE."""
     settings.validate()
     manager = CheckpointManager(run_dir, settings.keep_checkpoints)
+    if ctx.is_main:
+        for stale in manager.remove_stale_temporaries():
+            logger.info(f"removed {stale.name}, left by a checkpoint save that was killed")
     per_epoch = steps_per_epoch(len(dataset), ctx.world_size, settings.batch_size)
     task, faults = inject_faults(task, ctx.rank)
     if faults is not None:
