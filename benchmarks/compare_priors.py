@@ -35,10 +35,10 @@ from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
 from evalp_prior.evaluation import EvalRequest, EvalResources, bn_adjusted, evaluate_prior  # noqa: E402
 from evalp_prior.generation import build_prior, load_for_sampling  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
-from evalp_prior.train import load_vae_for_stage2, save_text_atomic, train_evalp  # noqa: E402
+from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import preset  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
-from nvae.runtime import RunLogger, init_distributed, load_checkpoint, seed_everything  # noqa: E402
+from nvae.runtime import RunLogger, init_distributed, load_checkpoint, save_text_atomic, seed_everything  # noqa: E402
 from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
 from nvae.train import train_nvae  # noqa: E402
 

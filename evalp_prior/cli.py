@@ -18,7 +18,7 @@ EVALP_PREFIX = "evalp_"
 STAGE1_DIR = "vae"  # where the one-job mode trains stage 1, inside the stage-2 run directory
 # Settings that only change the run's cadence, not what it computes: free to change on resume.
 CADENCE = {"log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_workers", "max_bad_steps",
-           "eval_batches", "bn_readjust_batches"}
+           "eval_batches", "bn_readjust_batches", "eval_sir_proposals", "data_root"}
 
 
 def add_stage2_args(parser: argparse.ArgumentParser) -> None:

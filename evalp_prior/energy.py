@@ -83,12 +83,14 @@ class EnergySet(nn.Module):
         hidden: int,
         share_within_scale: bool = False,
         spectral_norm: bool = False,
+        whiten: bool = False,
     ) -> None:
         super().__init__()
         if not groups:
             raise ValueError("EnergySet needs at least one group")
         self.groups = [int(g) for g in groups]
         self.share_within_scale = share_within_scale
+        self.whiten = whiten
         self._key: dict[int, str] = {}
         nets: dict[str, GroupEnergy] = {}
         shapes: dict[str, tuple[int, int]] = {}
@@ -121,6 +123,22 @@ class EnergySet(nn.Module):
             raise KeyError(f"group {group} has no energy; EVaLP groups are {self.groups}")
         return self.nets[self._key[group]].conditioned(h)
 
-    def energy(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Alias of calling the module: E_group(z, h) as (B,) float32 energies."""
-        return self(group, z, h)
+    def inputs(self, z: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor) -> torch.Tensor:
+        """The critic's input for latents z: z itself, or with ``whiten`` (z - mu_p) / sigma_p.
+
+        Whitened, a 1-Lipschitz critic is Lipschitz in units of the prior's own spread: on raw z it cannot
+        see a displacement of a group whose sigma_p sits near NVAE's 0.01 floor. The map is the same affine
+        one for positives and negatives sharing a context, so the penalty's interpolates stay on its
+        segments. z may carry leading proposal dimensions (k, B, ...) that broadcast over mu_p (B, ...).
+        """
+        return (z - mu_p) / sigma_p if self.whiten else z
+
+
+def conditioned_energy(energies: nn.Module, group: int, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (k * B, ...) -> (k * B,) energies of ``energies(group, x, h)`` with rows j * B + i sharing h[i]: the
+    set's own broadcasting path (h's share computed once per item) when it has one, else h repeated k times
+    (for any other module with EnergySet's call signature, e.g. a test's oracle)."""
+    conditioned = getattr(energies, "conditioned", None)
+    if conditioned is not None:
+        return conditioned(group, h)
+    return lambda x: energies(group, x, h.repeat(x.shape[0] // h.shape[0], *([1] * (h.dim() - 1))))

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from nvae.bn import readjust_bn
 from nvae.config import NVAERunConfig
-from nvae.data import dataset_info, get_dataset
+from nvae.data import HELD_OUT_PARTS, dataset_info, get_dataset, held_out_part
 from nvae.distributions import draw_normal
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
@@ -47,6 +47,7 @@ from .metrics.timing import seconds_per_image
 from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS
 
 DEFAULT_FID_STATS_DIR = Path("runs/fid_stats")
+MMD_PERMUTATIONS = 50  # relabellings for each MMD's noise floor and p-value
 POSTERIOR_SEED = 1234  # fixed: every evaluation of one NVAE compares priors against the same posterior draws
 
 
@@ -76,6 +77,8 @@ class EvalRequest:
     temperature: float = 1.0
     bn_batches: int = 20
     batch_size: int = 64  # posterior passes (MMD, NLL)
+    data_root: Optional[str] = None  # the data set's location now; None: as the NVAE's stage 1 recorded
+    split: str = "test"  # held-out half of the test split for MMD and NLL: validation | test
     seed: int = 0
 
     def validate(self) -> None:
@@ -95,6 +98,7 @@ class EvalRequest:
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.bn_batches >= 0, f"--bn-batches must be >= 0, got {self.bn_batches}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.split in HELD_OUT_PARTS, f"--split must be one of {HELD_OUT_PARTS}, got {self.split!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,15 +116,21 @@ class EvalResources:
     _features: Optional[InceptionFeatures] = field(default=None, repr=False)
     _reference: Optional[tuple[np.ndarray, np.ndarray, dict[str, Any]]] = field(default=None, repr=False)
 
+    def data_root(self) -> Optional[str]:
+        """Where the NVAE's data set is read from: the request's root, else the one stage 1 recorded."""
+        return self.request.data_root if self.request.data_root is not None else self.vae_cfg.train.data_root
+
     def binarize(self) -> bool:
         """Whether the data set is dynamically binarised (the NVAE's likelihood is on binary images)."""
-        tc = self.vae_cfg.train
-        return dataset_info(tc.dataset, tc.data_root).binarize
+        return dataset_info(self.vae_cfg.train.dataset, self.data_root()).binarize
 
     def split(self, split: str) -> Dataset:
         """The NVAE's data set, 'train' or 'test' split."""
-        tc = self.vae_cfg.train
-        return get_dataset(tc.dataset, split, tc.data_root)
+        return get_dataset(self.vae_cfg.train.dataset, split, self.data_root())
+
+    def held_out(self) -> Dataset:
+        """The requested half of the test split (nvae.data.held_out_part): validation or test."""
+        return held_out_part(self.split("test"), self.request.split)
 
     def features(self) -> InceptionFeatures:
         """The Inception-v3 feature network on the evaluation device (loaded once)."""
@@ -131,11 +141,11 @@ class EvalResources:
     def reference(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """(mu, sigma, description) of the training split's features, from the cache when it matches."""
         if self._reference is None:
-            tc = self.vae_cfg.train
+            tc, root = self.vae_cfg.train, self.data_root()
             train = self.split("train")
             count = min(self.request.fid_ref_images, len(train))
             # Different roots of one data set name (e.g. two synthetic sets) must not share a cache file.
-            name = tc.dataset + (f"@{hashlib.sha1(str(tc.data_root).encode()).hexdigest()[:8]}" if tc.data_root else "")
+            name = tc.dataset + (f"@{hashlib.sha1(str(root).encode()).hexdigest()[:8]}" if root else "")
             batches = (self.vae.crop(b) for b in DataLoader(Subset(train, range(count)), batch_size=self.request.fid_batch))
             size = list(self.vae.crop(train[0].unsqueeze(0)).shape[-2:])
             mu, sigma = reference_stats(batches, name, "train", count, self.request.fid_stats_dir, self.features(),
@@ -176,8 +186,8 @@ def prior_hole_mmd_per_group(vae: NVAE, prior: Optional[PriorHook], dataset: Dat
     for g in range(len(vae.group_specs)):
         post, z_prior, z_gauss = (torch.cat(samples[k][g]) for k in ("post", "prior", "gauss"))
         bandwidth = float(posterior_bandwidth(post))
-        per_group.append({**prior_hole_mmd(post, z_prior, bandwidth), "bandwidth": bandwidth,
-                          "gaussian": prior_hole_mmd(post, z_gauss, bandwidth)})
+        per_group.append({**prior_hole_mmd(post, z_prior, bandwidth, MMD_PERMUTATIONS), "bandwidth": bandwidth,
+                          "gaussian": prior_hole_mmd(post, z_gauss, bandwidth, MMD_PERMUTATIONS)})
     return {"top": {**per_group[0], "group": 0, "num_samples": n}, "groups": per_group,
             "mean_mmd2_multi": sum(r["mmd2_multi"] for r in per_group) / len(per_group),
             "mean_mmd2_multi_gaussian": sum(r["gaussian"]["mmd2_multi"] for r in per_group) / len(per_group)}
@@ -216,7 +226,7 @@ def evaluate_prior(res: EvalResources, prior: Optional[PriorHook], bn_prior: Opt
         out["fid"] = {"fid": value, "num_samples": req.fid_samples, "temperature": req.temperature,
                       "bn_batches": req.bn_batches, **reference}
     if req.mmd:
-        out["mmd"] = prior_hole_mmd_per_group(res.vae, prior, res.split("test"), req.mmd_samples, req.batch_size,
+        out["mmd"] = prior_hole_mmd_per_group(res.vae, prior, res.held_out(), req.mmd_samples, req.batch_size,
                                               res.binarize(), res.device, req.seed)
     if req.timing:
         torch.manual_seed(req.seed)
@@ -245,7 +255,7 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
     metrics = evaluate_prior(res, prior, bn_prior)
     if req.nll_samples:
         torch.manual_seed(req.seed)
-        metrics["nll"] = {**dataset_nll(setup.vae, res.split("test"), req.nll_samples, req.nll_images, res.binarize(),
+        metrics["nll"] = {**dataset_nll(setup.vae, res.held_out(), req.nll_samples, req.nll_images, res.binarize(),
                                         req.batch_size, req.nll_chunk, device),
                           "prior": "gaussian (the NVAE's own; EBM normalisers are intractable)"}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
@@ -265,8 +275,10 @@ def format_report(report: dict[str, Any]) -> str:
         t = m["mmd"]["top"]
         rows.append((f"prior-hole MMD^2 z_1 (bandwidth {t['bandwidth']:.3g}, n={t['num_samples']})",
                      f"{t['mmd2']:.4g} (Gaussian prior {t['gaussian']['mmd2']:.4g})"))
-        rows.append(("  summed over 0.5/1/2 x bandwidth", f"{t['mmd2_multi']:.4g} (Gaussian prior "
-                                                          f"{t['gaussian']['mmd2_multi']:.4g})"))
+        g = t["gaussian"]
+        rows.append(("  summed over 0.5/1/2 x bandwidth, +- stderr",
+                     f"{t['mmd2_multi']:.4g} +- {t['mmd2_multi_stderr']:.2g} (Gaussian prior {g['mmd2_multi']:.4g} "
+                     f"+- {g['mmd2_multi_stderr']:.2g}; noise floor {g['null_std_multi']:.2g})"))
         rows.append(("  mean over all groups (given posterior h)", f"{m['mmd']['mean_mmd2_multi']:.4g} (Gaussian prior "
                                                                    f"{m['mmd']['mean_mmd2_multi_gaussian']:.4g})"))
     if "timing" in m:

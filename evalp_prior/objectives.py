@@ -21,6 +21,22 @@ EnergyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BackwardAndStep = Callable[[torch.Tensor, torch.optim.Optimizer, Sequence[nn.Parameter]], bool]
 
 
+GRADIENT_PENALTIES = ("two-sided", "one-sided", "r1")
+
+
+def input_gradient_norms(energy_fn: EnergyFn, z: torch.Tensor, h: torch.Tensor, create_graph: bool = False,
+                         grad_scale: float = 1.0) -> torch.Tensor:
+    """(B,) float32 norms ||grad_z E(z_i, h_i)||, per sample (energies are per-sample, so one backward of
+    the sum gives every row's own gradient). ``grad_scale`` (the fp16 loss scale) multiplies the energies
+    before the gradient is taken and is divided out in float32 afterwards, so that the gradient's fp16
+    intermediates do not underflow (PyTorch's AMP recipe for gradient penalties)."""
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(energy_fn(z, h).sum() * grad_scale, z, create_graph=create_graph)
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32)) / grad_scale
+    return grad.flatten(1).norm(dim=1)
+
+
 def gradient_penalty(
     energy_fn: EnergyFn,
     z_pos: torch.Tensor,
@@ -28,21 +44,27 @@ def gradient_penalty(
     h: torch.Tensor,
     generator: torch.Generator | None = None,
     grad_scale: float = 1.0,
+    kind: str = "two-sided",
 ) -> torch.Tensor:
-    """WGAN-GP term of L_E (SPEC section 1, energy step): mean_i (||grad_z E(z_hat_i, h_i)|| - 1)^2.
+    """The Lipschitz term of L_E (SPEC section 1, energy step), ``energy_fn(z, h) -> (B,)``:
 
-    z_hat = u z+ + (1 - u) z- with u ~ U(0, 1) per sample; the gradient keeps its graph
-    (create_graph=True) so the penalty trains the energy. ``energy_fn(z, h) -> (B,)``.
-    ``grad_scale`` (the fp16 loss scale) multiplies the energies before the input gradient is taken and
-    divides it out in float32 afterwards, so that the gradient's fp16 intermediates do not underflow
-    (PyTorch's AMP recipe for gradient penalties); the result does not depend on it otherwise.
+    - ``two-sided`` (WGAN-GP, Gulrajani et al. 2017): mean_i (||grad E(z_hat_i)|| - 1)^2 at
+      z_hat = u z+ + (1 - u) z-, u ~ U(0, 1) per sample; forces |grad E| = 1 between the two sets.
+    - ``one-sided`` (Petzka et al. 2018): mean_i max(0, ||grad E(z_hat_i)|| - 1)^2; only bounds it.
+    - ``r1`` (zero-centred, Mescheder et al. 2018): mean_i ||grad E(z+_i)||^2 on positives.
+
+    The gradient keeps its graph (create_graph=True) so the penalty trains the energy; see
+    ``input_gradient_norms`` for ``grad_scale``.
     """
+    if kind not in GRADIENT_PENALTIES:
+        raise ValueError(f"unknown gradient penalty {kind!r}; choose one of {GRADIENT_PENALTIES}")
+    if kind == "r1":
+        return input_gradient_norms(energy_fn, z_pos, h, True, grad_scale).square().mean()
     u = torch.rand(z_pos.shape[0], generator=generator, device=z_pos.device, dtype=z_pos.dtype)
     u = u.view(-1, *([1] * (z_pos.dim() - 1)))
-    z_hat = (u * z_pos.detach() + (1 - u) * z_neg.detach()).requires_grad_(True)
-    (grad,) = torch.autograd.grad(energy_fn(z_hat, h).sum() * grad_scale, z_hat, create_graph=True)
-    grad = grad.to(torch.promote_types(grad.dtype, torch.float32)) / grad_scale
-    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    z_hat = u * z_pos.detach() + (1 - u) * z_neg.detach()
+    excess = input_gradient_norms(energy_fn, z_hat, h, True, grad_scale) - 1
+    return (excess.clamp_min(0) if kind == "one-sided" else excess).square().mean()
 
 
 def energy_loss(
@@ -88,6 +110,13 @@ class ObjectiveConfig:
     n_critic: int = 5  # energy steps per sampler step
     lambda_gp: float = 10.0
     kl_weight: float = 0.0  # w_kl
+    gradient_penalty: str = "two-sided"  # one of GRADIENT_PENALTIES
+    critic_warmup_steps: int = 0  # energy-only steps before the first sampler step
+    critic_only: bool = False  # never step the sampler: the critic measures a fixed sampler
+
+    def is_sampler_step(self, step: int) -> bool:
+        """Whether the call at ``step`` (0-based) also steps the sampler."""
+        return not self.critic_only and step >= self.critic_warmup_steps and (step + 1) % self.n_critic == 0
 
 
 def plain_backward_and_step(
@@ -150,12 +179,16 @@ def alternating_step(
     step whose energy parameters get no gradient. ``gp_grad_scale``: the energy step's fp16 loss scale
     (see ``gradient_penalty``).
 
+    The energies see ``EnergySet.inputs`` of every latent (whitened by (mu_p, sigma_p) when the set says
+    so), and the penalty is taken in those coordinates.
+
     Returns detached 0-dim tensors: ``energy_gap/group{l}`` and ``gp/group{l}`` per group, their
     ``/mean``, ``energy_loss``, ``energy_step_taken``, ``sampler_step`` (1 when a sampler step ran) and,
     on sampler steps, ``sampler_loss``, ``sampler_step_taken`` and ``kl/group{l}`` (the single-sample
     estimate of KL(q_alpha || p0) for that group).
     """
     stats: dict[str, torch.Tensor] = {}
+    critic = energies if frozen_energies is None else frozen_energies
 
     # Energy step: negatives from the current sampler, detached.
     with torch.no_grad(), autocast():
@@ -164,10 +197,12 @@ def alternating_step(
         total = None
         for b, z_neg in zip(batch, negatives):
             n = b.z_pos.shape[0]
+            x_pos = critic.inputs(b.z_pos, b.mu_p, b.sigma_p)
+            x_neg = critic.inputs(z_neg.to(b.z_pos.dtype), b.mu_p, b.sigma_p)
             # One evaluation for positives and negatives: energies are per-sample, so this is exact.
-            e = energies(b.group, torch.cat([b.z_pos, z_neg.to(b.z_pos.dtype)]), torch.cat([b.h, b.h]))
-            gp = gradient_penalty(lambda z, h, g=b.group: energies(g, z, h), b.z_pos, z_neg, b.h,
-                                  grad_scale=gp_grad_scale)
+            e = energies(b.group, torch.cat([x_pos, x_neg]), torch.cat([b.h, b.h]))
+            gp = gradient_penalty(lambda x, h, g=b.group: energies(g, x, h), x_pos, x_neg, b.h,
+                                  grad_scale=gp_grad_scale, kind=config.gradient_penalty)
             loss, group_stats = energy_loss(e[:n], e[n:], gp, config.lambda_gp)
             total = loss if total is None else total + loss
             stats[f"energy_gap/group{b.group}"] = group_stats["energy_gap"]
@@ -178,20 +213,20 @@ def alternating_step(
     stats["energy_gap/mean"] = _mean(stats[f"energy_gap/group{b.group}"] for b in batch)
     stats["gp/mean"] = _mean(stats[f"gp/group{b.group}"] for b in batch)
 
-    is_sampler_step = (step + 1) % config.n_critic == 0
+    is_sampler_step = config.is_sampler_step(step)
     stats["sampler_step"] = torch.tensor(float(is_sampler_step))
     if not is_sampler_step:
         return stats
 
     # Sampler step: the energy is a fixed function here.
-    critic = energies if frozen_energies is None else frozen_energies
     with frozen(critic):
         with autocast():
             total = None
             for b in batch:
                 z, log_q = sampler(b.mu_p, b.sigma_p, b.h, b.group)
                 log_p0 = gaussian_log_prob(z, b.mu_p, b.sigma_p)
-                loss = sampler_loss(critic(b.group, z, b.h), log_q, log_p0, config.kl_weight)
+                loss = sampler_loss(critic(b.group, critic.inputs(z, b.mu_p, b.sigma_p), b.h), log_q, log_p0,
+                                    config.kl_weight)
                 total = loss if total is None else total + loss
                 stats[f"kl/group{b.group}"] = (log_q - log_p0).mean().detach()
         taken = backward_and_step(total, sampler_optimizer, list(sampler.parameters()))

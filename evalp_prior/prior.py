@@ -1,11 +1,12 @@
 """EVaLP as a prior hook for NVAE's top-down sampling (SPEC section 2, generation)."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from evalp_prior.energy import conditioned_energy
 from evalp_prior.sampler import SharedFlowSampler, standard_normal_log_prob
 from evalp_prior.sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS, sir_log_weight, sir_select
 
@@ -48,6 +49,8 @@ class EVaLPPrior:
         self.sir_proposals = sir_proposals
         self.sir_weights = sir_weights
         self.sir_chunk = sir_chunk
+        # Effective sample size (sum w)^2 / sum w^2 per item of the latest SIR draw of each group: a diagnostic.
+        self.last_ess: dict[int, torch.Tensor] = {}
 
     def sample_group(
         self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor, temperature: float
@@ -76,7 +79,7 @@ class EVaLPPrior:
         if mu_p.device.type == "cpu":
             chunk = min(chunk, max(1, CPU_POSITIONS_PER_CHUNK // (batch * shape[-2] * shape[-1])))
         cond = self.sampler.condition(h, group)
-        energy_of = self._conditioned_energy(group, h)
+        energy_of = conditioned_energy(self.energies, group, h)
         scale = temperature * sigma_p  # the sampler's tempered base N(mu_p, scale^2)
 
         def propose(k: int) -> tuple[torch.Tensor, ...]:
@@ -92,18 +95,13 @@ class EVaLPPrior:
             log_q = (standard_normal_log_prob(eps) - logdet).view(k, batch)
             return z, log_p0, log_q
 
+        inputs = getattr(self.energies, "inputs", None)
+
         def log_weight(z: torch.Tensor, *densities: torch.Tensor) -> torch.Tensor:
             """(k, batch) SIR log-weights of the proposals."""
-            energy = energy_of(z.flatten(0, 1)).view(z.shape[0], batch)
+            x = z if inputs is None else inputs(z, mu_p, sigma_p)  # the critic's coordinates (whitened or not)
+            energy = energy_of(x.flatten(0, 1)).view(z.shape[0], batch)
             return sir_log_weight(self.sir_weights, energy, *densities)
 
-        (z, *_), _ = sir_select(propose, log_weight, self.sir_proposals, chunk, batch)
+        (z, *_), self.last_ess[group] = sir_select(propose, log_weight, self.sir_proposals, chunk, batch)
         return z
-
-    def _conditioned_energy(self, group: int, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """z (k * batch, ...) -> (k * batch,) energies, rows j * batch + i sharing h[i]: the energy's own
-        broadcasting path when it has one (EnergySet), else h repeated k times."""
-        conditioned = getattr(self.energies, "conditioned", None)
-        if conditioned is not None:
-            return conditioned(group, h)
-        return lambda z: self.energies(group, z, h.repeat(z.shape[0] // h.shape[0], *([1] * (h.dim() - 1))))

@@ -88,6 +88,37 @@ class AffineCoupling(nn.Module):
         return self._join(y_cond, (y_out - t) * (-log_s).exp()), -log_s.flatten(1).sum(1)
 
 
+class ChannelMix(nn.Module):
+    """Invertible 1x1 convolution x -> W x at every position (Glow), W = I + A with A zero at initialisation.
+
+    Couplings transform fixed channel halves; mixing between them lets the flow correlate any pair of
+    channels. log|det| = H * W * log|det W|. Computed with autocast off: densities stay exact.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(channels, channels))
+
+    def _multiply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.einsum("oc,bchw->bohw", weight.to(x.dtype), x)
+
+    def _weight(self) -> torch.Tensor:
+        return torch.eye(self.delta.shape[0], dtype=self.delta.dtype, device=self.delta.device) + self.delta
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W x and log|det| (rows of x,)."""
+        weight = self._weight()
+        logdet = torch.linalg.slogdet(weight.double())[1].to(x.dtype) * (x.shape[2] * x.shape[3])
+        return self._multiply(x, weight), logdet.expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^-1 y and log|det| of the inverse (rows of y,)."""
+        x = self._multiply(y, torch.linalg.inv(self._weight().double()))
+        logdet = -torch.linalg.slogdet(self._weight().double())[1].to(y.dtype) * (y.shape[2] * y.shape[3])
+        return x, logdet.expand(y.shape[0])
+
+
 class SharedFlowSampler(nn.Module):
     """One conditional flow for all EVaLP groups: z = mu_p + sigma_p * f(eps; h, l).
 
@@ -116,6 +147,7 @@ class SharedFlowSampler(nn.Module):
         num_couplings: int = 4,
         embed_dim: int = 16,
         max_log_scale: float = 1.0,
+        channel_mixing: bool = False,
     ) -> None:
         super().__init__()
         if not groups:
@@ -146,6 +178,8 @@ class SharedFlowSampler(nn.Module):
         self.couplings = nn.ModuleList(
             AffineCoupling(self.channels, hidden, flip=k % 2 == 1, bound=max_log_scale) for k in range(num_couplings)
         )
+        # Optional invertible channel mixing before every coupling but the first (identity at initialisation).
+        self.mixes = nn.ModuleList(ChannelMix(self.channels) for _ in range(num_couplings - 1)) if channel_mixing else None
 
     def condition(self, h: torch.Tensor, group: int) -> list[torch.Tensor]:
         """Each coupling's conditioning term (B, hidden, H, W) for the items of h: computed once per item
@@ -161,7 +195,10 @@ class SharedFlowSampler(nn.Module):
         holding k draws per item (row j * B + i is item i) and ``condition``'s output for the B items."""
         x = _at_least_f32(eps)
         logdet = x.new_zeros(x.shape[0])
-        for coupling, term in zip(self.couplings, terms):
+        for k, (coupling, term) in enumerate(zip(self.couplings, terms)):
+            if self.mixes is not None and k > 0:
+                x, ld = self.mixes[k - 1](x)
+                logdet = logdet + ld
             x, ld = coupling(x, term)
             logdet = logdet + ld
         return x, logdet
@@ -175,9 +212,12 @@ class SharedFlowSampler(nn.Module):
         terms = self.condition(h, group)
         x = _at_least_f32(u)
         logdet = x.new_zeros(x.shape[0])
-        for coupling, term in zip(reversed(self.couplings), reversed(terms)):
-            x, ld = coupling.inverse(x, term)
+        for k in reversed(range(len(self.couplings))):
+            x, ld = self.couplings[k].inverse(x, terms[k])
             logdet = logdet + ld
+            if self.mixes is not None and k > 0:
+                x, ld = self.mixes[k - 1].inverse(x)
+                logdet = logdet + ld
         return x, logdet
 
     def forward(

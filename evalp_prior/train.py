@@ -3,27 +3,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from nvae.config import NVAERunConfig
-from nvae.data import dataset_info, get_dataset
+from nvae.data import dataset_info, get_dataset, held_out_part
 from nvae.model import NVAE
 from nvae.runtime import (CheckpointError, DistContext, Precision, RunLogger, StopSignal, all_gather_object,
-                          load_checkpoint)
+                          load_checkpoint, save_text_atomic)
 from nvae.runtime.loop import isolated_rng, loop_settings, planned_steps, run_training, steps_per_epoch
 from nvae.train import binarize_if_needed, sample_images, split_for_rank
 
 from .config import EVaLPConfig, EVaLPRunConfig, FrozenPriorConfig
+from .diagnostics import group_diagnostics, headline, summarise
 from .energy import EnergySet
 from .groups import parse_groups
-from .metrics.mmd import median_bandwidth, mmd2_unbiased
-from .objectives import GroupBatch, ObjectiveConfig, alternating_step
+from .objectives import GroupBatch, alternating_step
 from .prior import EVaLPPrior
 from .sampler import SharedFlowSampler
 
@@ -45,9 +48,26 @@ def build_prior_modules(cfg: EVaLPConfig, vae: NVAE) -> tuple[list[int], EnergyS
     """The selected groups, their energies and the shared sampler (identity at initialisation)."""
     groups = parse_groups(cfg.groups, vae.group_specs)
     energies = EnergySet(vae.group_specs, groups, cfg.energy_hidden, cfg.share_energy_within_scale,
-                         cfg.energy_spectral_norm)
-    sampler = SharedFlowSampler(vae.group_specs, groups, cfg.sampler_hidden, cfg.num_couplings, cfg.embed_dim)
+                         cfg.energy_spectral_norm, whiten=cfg.whiten_critic)
+    sampler = SharedFlowSampler(vae.group_specs, groups, cfg.sampler_hidden, cfg.num_couplings, cfg.embed_dim,
+                                cfg.max_log_scale, cfg.sampler_mixing)
     return groups, energies, sampler
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> Optional[LambdaLR]:
+    """The optimiser's schedule for a run of total_steps (stepped once per training step), or None if constant."""
+    if kind == "constant":
+        return None
+    if kind != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {kind!r}")
+    return LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))))
+
+
+def sampler_average(sampler: SharedFlowSampler, decay: float) -> Optional[AveragedModel]:
+    """An exponential moving average of the sampler's weights (torch's AveragedModel), or None when decay is 0."""
+    if decay == 0:
+        return None
+    return AveragedModel(sampler, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def posterior_group_batches(vae: NVAE, x: torch.Tensor, groups: list[int], precision: Precision) -> list[GroupBatch]:
@@ -89,7 +109,7 @@ class EVaLPTask:
     kind = KIND
 
     def __init__(self, run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext,
-                 test_set: Dataset, binarize: bool, logger: RunLogger):
+                 test_set: Dataset, binarize: bool, logger: RunLogger, total_steps: int):
         cfg = run_cfg.evalp
         self.run_cfg, self.cfg, self.vae, self.vae_cfg = run_cfg, cfg, vae, vae_cfg
         self.ctx, self.test_set, self.binarize, self.logger = ctx, test_set, binarize, logger
@@ -99,13 +119,15 @@ class EVaLPTask:
         # Separate DDP modules: the energy and the sampler have separate backward passes.
         self.energy_net = ddp_if_distributed(self.energies, ctx)
         self.sampler_net = ddp_if_distributed(self.sampler, ctx)
+        self.sampler_ema = sampler_average(self.sampler, cfg.sampler_ema)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=cfg.lr_energy, betas=betas)
         self.sampler_opt = torch.optim.Adam(self.sampler.parameters(), lr=cfg.lr_sampler, betas=betas)
+        self.schedules = [lr_schedule(opt, cfg.lr_schedule, total_steps) for opt in (self.energy_opt, self.sampler_opt)]
         # One scaler per optimiser: each backward pass has its own loss scale under fp16.
         self.energy_prec = Precision.create(cfg.precision, ctx.device)
         self.sampler_prec = Precision.create(cfg.precision, ctx.device)
-        self.objective = ObjectiveConfig(n_critic=cfg.n_critic, lambda_gp=cfg.lambda_gp, kl_weight=cfg.kl_weight)
+        self.objective = cfg.objective()
         self.last_metrics: dict[str, float] = {}
 
     def config_json(self) -> str:
@@ -117,9 +139,13 @@ class EVaLPTask:
         return (f"EVaLP on groups {self.groups}: energies {sizes[0] / 1e3:.1f}k, "
                 f"sampler {sizes[1] / 1e3:.1f}k parameters")
 
+    def generation_sampler(self) -> SharedFlowSampler:
+        """The sampler generation uses: the weights' moving average when one is kept, else the sampler."""
+        return self.sampler if self.sampler_ema is None else self.sampler_ema.module
+
     def prior(self, **sir: Any) -> EVaLPPrior:
         """The trained prior as a sampling hook (optionally with SIR)."""
-        return EVaLPPrior(self.energies, self.sampler, self.groups, **sir)
+        return EVaLPPrior(self.energies, self.generation_sampler(), self.groups, **sir)
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> bool:
         prec = self.energy_prec if optimizer is self.energy_opt else self.sampler_prec
@@ -137,45 +163,35 @@ class EVaLPTask:
                                  frozen_energies=self.energies, gp_grad_scale=self.energy_prec.loss_scale())
         if not bool(stats["energy_step_taken"]) or not bool(stats.get("sampler_step_taken", 1.0)):
             return None
+        if self.sampler_ema is not None and "sampler_step_taken" in stats:
+            self.sampler_ema.update_parameters(self.sampler)
+        for schedule in filter(None, self.schedules):
+            schedule.step()
         return stats
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """Per-group MMD to the test set's aggregate posterior, for the sampler and for NVAE's own prior."""
+        """Per-group diagnostics (evalp_prior.diagnostics) on the validation split's posteriors: energy gap,
+        penalty, gradient norms, KL(q_alpha || p0), MMD^2 of the sampler and of NVAE's prior, SIR's ESS."""
         self.energies.eval()
         self.sampler.eval()
         cfg = self.cfg
+        sampler = self.generation_sampler()
         subset = split_for_rank(self.test_set, self.ctx, cfg.eval_batches * cfg.batch_size * self.ctx.world_size)
-        pos: dict[int, list[torch.Tensor]] = {g: [] for g in self.groups}
-        neg: dict[int, list[torch.Tensor]] = {g: [] for g in self.groups}
-        base: dict[int, list[torch.Tensor]] = {g: [] for g in self.groups}
-        gaps: dict[int, list[torch.Tensor]] = {g: [] for g in self.groups}
+        parts: dict[int, dict[str, list[torch.Tensor]]] = {g: {} for g in self.groups}
         for batch in DataLoader(subset, batch_size=cfg.batch_size):
             x = binarize_if_needed(batch.to(self.ctx.device), self.binarize)
             for b in posterior_group_batches(self.vae, x, self.groups, self.energy_prec):
-                z_neg, _ = self.sampler(b.mu_p, b.sigma_p, b.h, b.group)
-                z_base = b.mu_p + b.sigma_p * torch.randn_like(b.mu_p)
-                gaps[b.group].append(self.energies(b.group, b.z_pos, b.h) - self.energies(b.group, z_neg, b.h))
-                for store, z in ((pos, b.z_pos), (neg, z_neg), (base, z_base)):
-                    store[b.group].append(z.flatten(1).cpu())
-        gathered = all_gather_object({"pos": pos, "neg": neg, "base": base, "gaps": gaps}, self.ctx)
+                sir = (self.prior(sir_proposals=cfg.eval_sir_proposals, sir_groups=[b.group])
+                       if cfg.eval_sir_proposals > 1 else None)
+                for key, value in group_diagnostics(self.energies, sampler, b, cfg.gradient_penalty, sir).items():
+                    parts[b.group].setdefault(key, []).append(value)
+        gathered = all_gather_object(parts, self.ctx)
         metrics: dict[str, float] = {}
         for g in self.groups:
-            joined = {k: torch.cat([t.cpu() for part in gathered for t in part[k][g]]) for k in ("pos", "neg", "base")}
-            # One kernel for both priors, set by the posterior samples alone, so the two numbers compare.
-            scale = float(median_bandwidth(joined["pos"], joined["pos"]))
-            bandwidths = [0.5 * scale, scale, 2.0 * scale]
-            mmd_evalp = float(mmd2_unbiased(joined["pos"], joined["neg"], bandwidths))
-            mmd_gauss = float(mmd2_unbiased(joined["pos"], joined["base"], bandwidths))
-            metrics[f"mmd_evalp/group{g:02d}"] = mmd_evalp
-            metrics[f"mmd_gaussian/group{g:02d}"] = mmd_gauss
-            metrics[f"energy_gap/group{g:02d}"] = float(torch.cat([t.cpu() for part in gathered for t in part["gaps"][g]]).mean())
-        top = self.groups[0]
-        metrics["mmd_evalp_top"] = metrics[f"mmd_evalp/group{top:02d}"]
-        metrics["mmd_gaussian_top"] = metrics[f"mmd_gaussian/group{top:02d}"]
-        # Means over groups, not a mean of ratios: a well-matched group's Gaussian MMD is ~0 (even negative).
-        metrics["mmd_evalp_mean"] = sum(metrics[f"mmd_evalp/group{g:02d}"] for g in self.groups) / len(self.groups)
-        metrics["mmd_gaussian_mean"] = sum(metrics[f"mmd_gaussian/group{g:02d}"] for g in self.groups) / len(self.groups)
+            pooled = {key: torch.cat([t for part in gathered for t in part[g][key]]) for key in parts[g]}
+            metrics.update(summarise(pooled, g))
+        metrics.update(headline(metrics, self.groups))
         if self.ctx.is_main:
             images = sample_images(self.vae, 64, cfg.sample_temperature, self.prior())
             self.logger.images("samples_evalp", images, step, png_path=f"samples/step_{step:08d}.png")
@@ -187,6 +203,8 @@ class EVaLPTask:
                 "energy_opt": self.energy_opt.state_dict(), "sampler_opt": self.sampler_opt.state_dict(),
                 "energy_scaler": self.energy_prec.scaler.state_dict(),
                 "sampler_scaler": self.sampler_prec.scaler.state_dict(),
+                "sampler_ema": None if self.sampler_ema is None else self.sampler_ema.state_dict(),
+                "schedules": [None if s is None else s.state_dict() for s in self.schedules],
                 "vae": embedded_vae_state(self.vae, self.vae_cfg)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -196,6 +214,11 @@ class EVaLPTask:
         self.sampler_opt.load_state_dict(state["sampler_opt"])
         self.energy_prec.scaler.load_state_dict(state["energy_scaler"])
         self.sampler_prec.scaler.load_state_dict(state["sampler_scaler"])
+        if self.sampler_ema is not None:
+            self.sampler_ema.load_state_dict(state["sampler_ema"])
+        for schedule, saved in zip(self.schedules, state["schedules"]):
+            if schedule is not None:
+                schedule.load_state_dict(saved)
 
 
 def train_frozen_prior(task_cls: Callable[..., Any], run_cfg: Any, cfg: FrozenPriorConfig, vae: NVAE,
@@ -204,16 +227,18 @@ def train_frozen_prior(task_cls: Callable[..., Any], run_cfg: Any, cfg: FrozenPr
     """Train a prior on a frozen NVAE (EVaLP or a baseline) with the shared loop, to completion or pre-emption;
     writes checkpoints, samples.png and final_metrics.json.
 
-    ``task_cls(run_cfg, vae, vae_cfg, ctx, test_set, binarize, logger)`` builds the task (with ``describe``,
+    ``task_cls(run_cfg, vae, vae_cfg, ctx, test_set, binarize, logger, total_steps)`` builds the task (with ``describe``,
     ``prior`` and ``last_metrics`` beyond the loop's TrainTask); ``cfg`` is run_cfg's prior settings.
     """
     tc = vae_cfg.train
-    info = dataset_info(tc.dataset, tc.data_root)
-    train_set = get_dataset(tc.dataset, "train", tc.data_root)
-    test_set = get_dataset(tc.dataset, "test", tc.data_root)
+    root = cfg.data_root if cfg.data_root is not None else tc.data_root  # the data may have moved since stage 1
+    info = dataset_info(tc.dataset, root)
+    train_set = get_dataset(tc.dataset, "train", root)
+    # Diagnostics during training (and any choice made from them) use the validation half of the test split.
+    test_set = held_out_part(get_dataset(tc.dataset, "test", root), "validation")
     per_epoch = steps_per_epoch(len(train_set), ctx.world_size, cfg.batch_size)
     total_steps = planned_steps(cfg, per_epoch)
-    task = task_cls(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger)
+    task = task_cls(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger, total_steps)
     logger.info(f"{task.describe()}; {total_steps} steps on {ctx.world_size} process(es), {cfg.precision}")
     status = run_training(task, train_set, ctx, loop_settings(cfg, total_steps), run_dir, logger, resume, stop)
     if status == 0 and ctx.is_main:
@@ -223,20 +248,29 @@ def train_frozen_prior(task_cls: Callable[..., Any], run_cfg: Any, cfg: FrozenPr
         summary = json.dumps(task.last_metrics, indent=2, sort_keys=True) + "\n"
         save_text_atomic(run_dir / "final_metrics.json", summary)
         logger.info(f"wrote {run_dir / 'samples.png'} and {run_dir / 'final_metrics.json'}")
+        logger.info(comparison_line(task.kind, task.last_metrics))
     return status
+
+
+def comparison_line(kind: str, metrics: dict[str, float]) -> str:
+    """The run's verdict in one line: the prior's top-group MMD^2 against NVAE's Gaussian prior's, on the
+    same validation posteriors and kernel (with standard errors where measured)."""
+    def value(name: str) -> str:
+        error = metrics.get(f"{name}_top_stderr")
+        return f"{metrics[f'{name}_top']:.4g}" + (f" +- {error:.2g}" if error is not None else "")
+
+    ratio = metrics[f"mmd_{kind}_top"] / metrics["mmd_gaussian_top"] if metrics["mmd_gaussian_top"] > 0 else float("nan")
+    line = (f"top-group prior-hole MMD^2 (validation): {kind} {value(f'mmd_{kind}')}, "
+            f"Gaussian prior {value('mmd_gaussian')} ({ratio:.2f}x)")
+    if "energy_gap_max" in metrics:
+        line += f"; energy gap per group at most {metrics['energy_gap_max']:.3g} (negative: the critic separates)"
+    return line
 
 
 def train_evalp(run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path,
                 logger: RunLogger, resume: Optional[Path] = None, stop: Optional[StopSignal] = None) -> int:
     """Run stage 2 to completion (or pre-emption); writes checkpoints, samples.png and final_metrics.json."""
     return train_frozen_prior(EVaLPTask, run_cfg, run_cfg.evalp, vae, vae_cfg, ctx, run_dir, logger, resume, stop)
-
-
-def save_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def load_vae_for_stage2(path: Path, device: torch.device) -> tuple[NVAE, NVAERunConfig, str]:
@@ -271,6 +305,10 @@ def load_evalp(path: Path, device: torch.device) -> TrainedEVaLP:
     groups, energies, sampler = build_prior_modules(run_cfg.evalp, vae)
     energies.load_state_dict(payload["task"]["energies"])
     sampler.load_state_dict(payload["task"]["sampler"])
+    ema = sampler_average(sampler, run_cfg.evalp.sampler_ema)
+    if ema is not None:  # generation uses the moving average of the weights
+        ema.load_state_dict(payload["task"]["sampler_ema"])
+        sampler = ema.module
     return TrainedEVaLP(vae, vae_cfg, run_cfg, groups, energies.to(device).eval(), sampler.to(device).eval())
 
 

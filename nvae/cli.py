@@ -49,3 +49,17 @@ def overrides(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str
 def apply(obj: Any, values: dict[str, Any]) -> Any:
     """A copy of dataclass `obj` with `values` replaced."""
     return dataclasses.replace(obj, **values)
+
+
+def parse_overrides(text: str, cls: type) -> dict[str, Any]:
+    """'a=1,b=true' -> {'a': 1, 'b': True}, typed by the fields of dataclass ``cls`` (for benchmark sweeps);
+    an unknown field or a malformed item is a ValueError naming it."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"bad override {item!r}: expected FIELD=VALUE with a field of {cls.__name__}")
+        kind = next((t for t in typing.get_args(hints[key]) if t is not type(None)), hints[key])  # Optional[X] -> X
+        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out

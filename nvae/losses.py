@@ -12,11 +12,12 @@ from .hooks import GroupSpec
 
 
 def kl_coefficient(step: int, total_steps: int, anneal_portion: float = 0.3, const_portion: float = 1e-4,
-                   min_coeff: float = 1e-4) -> float:
-    """KL warm-up: ramps linearly from min_coeff to 1 over the first anneal_portion of training."""
+                   min_coeff: float = 1e-4, kl_weight: float = 1.0) -> float:
+    """KL warm-up: ramps linearly from min_coeff to ``kl_weight`` (beta, the ceiling after warm-up; 1 is the
+    ELBO, below 1 a beta-VAE that leaves prior holes on purpose) over the first anneal_portion of training."""
     anneal = max(anneal_portion * total_steps, 1.0)
     const = const_portion * total_steps
-    return float(max(min((step - const) / anneal, 1.0), min_coeff))
+    return float(max(kl_weight * min((step - const) / anneal, 1.0), min(min_coeff, kl_weight)))
 
 
 def kl_balance_alphas(specs: tuple[GroupSpec, ...] | list[GroupSpec]) -> torch.Tensor:
@@ -29,15 +30,15 @@ def kl_balance_alphas(specs: tuple[GroupSpec, ...] | list[GroupSpec]) -> torch.T
 
 
 def balanced_kl(kl_groups: list[torch.Tensor], kl_coeff: float, alphas: torch.Tensor,
-                balance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                balance: bool = True, kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) weighted KL and the (L,) group weights used.
 
-    While warming up (kl_coeff < 1) each group is weighted by w_l ∝ (mean KL_l + 0.01) / alpha_l,
+    While warming up (kl_coeff below its ceiling ``kl_weight``) each group is weighted by w_l ∝ (mean KL_l + 0.01) / alpha_l,
     normalised to mean 1 and detached, so that groups which would otherwise collapse keep receiving
     gradient (NVAE Sec. 3.2 / App. A). After warm-up all weights are 1.
     """
     kl_all = torch.stack(kl_groups, dim=1)  # (B, L)
-    if balance and kl_coeff < 1.0:
+    if balance and kl_coeff < kl_weight:
         weights = kl_all.abs().mean(dim=0) + 0.01
         weights = weights / alphas.to(kl_all) * weights.sum()
         weights = (weights / weights.mean()).detach()

@@ -88,12 +88,13 @@ class NVAETask:
     def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The stage-1 objective on one batch and its parts (detached)."""
         tc = self.cfg.train
-        kl_coeff = kl_coefficient(step, self.total_steps, tc.kl_anneal_portion, tc.kl_const_portion, tc.kl_min_coeff)
+        kl_coeff = kl_coefficient(step, self.total_steps, tc.kl_anneal_portion, tc.kl_const_portion, tc.kl_min_coeff,
+                                  tc.kl_weight)
         with self.precision.autocast():
             out = self.net(x)
             recon = self.model.reconstruction_nll(out.logits, x)
             kls = self.model.kl_per_group(out)
-        weighted_kl, _ = balanced_kl(kls, kl_coeff, self.alphas, tc.kl_balance)
+        weighted_kl, _ = balanced_kl(kls, kl_coeff, self.alphas, tc.kl_balance, tc.kl_weight)
         spectral = self.spectral()
         bn_reg = batchnorm_regularizer(self.model)
         loss = (recon + weighted_kl).mean() + tc.weight_decay_norm * (spectral + bn_reg)

@@ -43,9 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     metrics.add_argument("--nll-images", type=int, default=1000, help="test images for the NLL")
     metrics.add_argument("--nll-chunk", type=int, default=16, help="importance samples per posterior pass")
     metrics.add_argument("--timing", action="store_true", help="seconds per generated image")
-    metrics.add_argument("--timing-batch", type=int, default=64)
-    metrics.add_argument("--timing-repeats", type=int, default=5)
+    metrics.add_argument("--timing-batch", type=int, default=64, help="images per timed sampling call")
+    metrics.add_argument("--timing-repeats", type=int, default=5, help="timed calls; the median is reported")
     metrics.add_argument("--batch-size", type=int, default=64, help="images per posterior pass (MMD, NLL)")
+    metrics.add_argument("--data-root", default=None,
+                         help="directory of the NVAE's data set if it moved since stage 1 (default: as stage 1 recorded)")
+    metrics.add_argument("--split", choices=("validation", "test"), default="test",
+                         help="half of the test split the MMD and NLL use: validation (first half, for choices) "
+                              "or test (second half, for reported numbers)")
     return parser.parse_args(argv)
 
 
@@ -65,14 +70,14 @@ def build_request(args: argparse.Namespace):
                       sir_groups=parse_sir_groups(args.sir_groups), sir_chunk=args.sir_chunk,
                       langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,
                       temperature=args.temperature, bn_batches=args.bn_batches, batch_size=args.batch_size,
-                      seed=args.seed)
+                      data_root=args.data_root, split=args.split, seed=args.seed)
     req.validate()
     return req
 
 
 def main_with_context(args: argparse.Namespace, ctx) -> int:
     from evalp_prior.evaluation import evaluate_checkpoint, finite_or_none, format_report
-    from evalp_prior.train import save_text_atomic
+    from nvae.runtime import save_text_atomic
 
     if ctx.world_size > 1:
         raise ValueError("evaluate.py runs as one process: start it with python, not torchrun")

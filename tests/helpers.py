@@ -43,7 +43,7 @@ def train_prior_checkpoint(kind: str, vae_path: Path, run_dir: Path, **settings)
     vae, vae_cfg, _ = load_trained_nvae(vae_path, CPU.device)
     fingerprint, settings = vae_fingerprint(vae), {**PRIOR_SETTINGS, **settings}
     if kind == "evalp":
-        evalp = EVaLPConfig(**{"n_critic": 2, "sampler_hidden": 8, "num_couplings": 2, **settings})
+        evalp = EVaLPConfig(**{"n_critic": 2, "sampler_hidden": 8, "num_couplings": 2, "critic_warmup_steps": 0, **settings})
         train, run_cfg = train_evalp, EVaLPRunConfig(evalp, str(vae_path), fingerprint)
     elif kind == "langevin":
         train, run_cfg = train_langevin, langevin_run_config(str(vae_path), fingerprint,

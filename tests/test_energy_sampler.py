@@ -35,15 +35,19 @@ def _inputs(spec: GroupSpec, batch: int, dtype=torch.float32, seed: int = 0):
     return mu, sigma, h
 
 
-def _randomised_sampler(dtype=torch.float64) -> SharedFlowSampler:
-    """A sampler whose zero-initialised conditioner outputs are randomised, so f is not the identity."""
+def _randomised_sampler(dtype=torch.float64, channel_mixing: bool = False) -> SharedFlowSampler:
+    """A sampler whose zero-initialised conditioner outputs (and channel mixes) are randomised, so f is not
+    the identity."""
     torch.manual_seed(0)
-    sampler = SharedFlowSampler(SPECS, [0, 1, 2], hidden=8, num_couplings=4, embed_dim=3)
+    sampler = SharedFlowSampler(SPECS, [0, 1, 2], hidden=8, num_couplings=4, embed_dim=3,
+                                channel_mixing=channel_mixing)
     with torch.no_grad():
         for coupling in sampler.couplings:
             last = coupling.net[-1]
             last.weight.normal_(0, 0.3)
             last.bias.normal_(0, 0.3)
+        for mix in sampler.mixes or []:
+            mix.delta.normal_(0, 0.3)
     return sampler.to(dtype)
 
 
@@ -63,8 +67,9 @@ def test_energy_is_per_sample_and_shares_within_scale():
         EnergySet(SPECS, [0], hidden=8)(1, mu, h)
 
 
-def test_flow_logdet_matches_autograd_jacobian():
-    sampler = _randomised_sampler()
+@pytest.mark.parametrize("channel_mixing", [False, True])
+def test_flow_logdet_matches_autograd_jacobian(channel_mixing):
+    sampler = _randomised_sampler(channel_mixing=channel_mixing)
     for group in (0, 2):
         spec = SPECS[group]
         _, _, h = _inputs(spec, 1, torch.float64, seed=group)
@@ -77,8 +82,9 @@ def test_flow_logdet_matches_autograd_jacobian():
         torch.testing.assert_close(logdet, expected.reshape(1), rtol=1e-9, atol=1e-9)
 
 
-def test_inverse_and_log_prob_round_trip():
-    sampler = _randomised_sampler()
+@pytest.mark.parametrize("channel_mixing", [False, True])
+def test_inverse_and_log_prob_round_trip(channel_mixing):
+    sampler = _randomised_sampler(channel_mixing=channel_mixing)
     mu, sigma, h = _inputs(SPECS[2], 4, torch.float64)
     eps = torch.randn_like(mu)
     u, logdet = sampler.flow(eps, h, 2)

@@ -5,6 +5,7 @@ import torch
 from scipy import stats
 
 from evalp_prior.metrics import median_bandwidth, mmd2_unbiased
+from evalp_prior.metrics.mmd import mmd2_permutation_null, mmd2_with_stderr
 
 
 def _closed_form_shift(d: int, delta: torch.Tensor, s: float) -> float:
@@ -67,3 +68,34 @@ def test_median_bandwidth_matches_chi_square_median():
     expected = math.sqrt(2 * stats.chi2(d).median())
     assert abs(median_bandwidth(x, y).item() / expected - 1) < 0.02
     assert abs(median_bandwidth(x, y, max_points=500).item() / expected - 1) < 0.04
+
+
+def test_permutation_null_statistic_is_the_unbiased_mmd_and_detects_a_shift():
+    g = torch.Generator().manual_seed(3)
+    x, same, shifted = (torch.randn(150, 5, generator=g) for _ in range(3))
+    shifted = shifted + 0.5
+    bandwidths = [1.0, 2.0]
+    for y in (same, shifted):
+        null = mmd2_permutation_null(x, y, bandwidths, permutations=40)
+        torch.testing.assert_close(torch.tensor(null["mmd2"]), mmd2_unbiased(x, y, bandwidths).float(),
+                                   rtol=1e-6, atol=1e-9)
+    assert mmd2_permutation_null(x, shifted, bandwidths, 40)["p_value"] == 1 / 41  # beyond every relabelling
+    assert mmd2_permutation_null(x, same, bandwidths, 40)["p_value"] > 0.05
+    # The null's spread is the noise floor: a shift's MMD^2 stands far above it, the same law's does not.
+    floor = mmd2_permutation_null(x, same, bandwidths, 40)["null_std"]
+    assert mmd2_unbiased(x, shifted, bandwidths) > 10 * floor > abs(float(mmd2_unbiased(x, same, bandwidths))) / 3
+
+
+def test_fold_stderr_matches_the_spread_over_repeated_draws():
+    """Away from the null the fold standard error estimates the full estimate's spread (within a factor 2)."""
+    g = torch.Generator().manual_seed(4)
+    estimates, errors = [], []
+    for _ in range(30):
+        x, y = torch.randn(200, 3, generator=g), torch.randn(200, 3, generator=g) * 1.3 + 0.3
+        out = mmd2_with_stderr(x, y, [1.5], folds=10)
+        estimates.append(out["mmd2"])
+        errors.append(out["stderr"])
+    spread = torch.tensor(estimates).std().item()
+    mean_error = sum(errors) / len(errors)
+    assert 0.5 * spread < mean_error < 2.0 * spread, (spread, mean_error)
+    assert math.isnan(mmd2_with_stderr(torch.randn(3, 2), torch.randn(3, 2), [1.0])["stderr"])  # too few for two folds

@@ -219,3 +219,30 @@ def test_config_validation_errors():
         ModelConfig(output_dist="poisson").validate()
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(image_size=36).validate()
+
+
+def test_kl_weight_caps_the_coefficient_and_ends_balancing():
+    beta = 0.3
+    assert kl_coefficient(0, 1000, kl_weight=beta) == pytest.approx(1e-4)
+    assert kl_coefficient(150, 1000, kl_weight=beta) == pytest.approx(0.5 * beta, abs=1e-3)
+    for step in (301, 600, 1000):  # after warm-up (30% of the steps plus the constant start): beta, never more
+        assert kl_coefficient(step, 1000, kl_weight=beta) == pytest.approx(beta)
+    kls = [torch.rand(8) * (i + 1) for i in range(3)]
+    alphas = torch.tensor([1.0, 2.0, 4.0])
+    total, weights = balanced_kl(kls, beta, alphas, kl_weight=beta)  # warm-up over: no balancing
+    assert torch.equal(weights, torch.ones(3))
+    torch.testing.assert_close(total, beta * torch.stack(kls, 1).sum(1))
+    _, warming = balanced_kl(kls, 0.5 * beta, alphas, kl_weight=beta)
+    assert not torch.equal(warming, torch.ones(3))
+
+
+def test_kl_balancing_weights_by_hand():
+    """w_l ∝ (mean KL_l + 0.01) / alpha_l, normalised to mean 1: KL means (1, 2, 3), alphas (1, 2, 4) give
+    raw weights (1.01, 1.005, 0.7525)."""
+    kls = [torch.full((4,), float(v)) for v in (1.0, 2.0, 3.0)]
+    alphas = torch.tensor([1.0, 2.0, 4.0])
+    total, weights = balanced_kl(kls, 0.5, alphas)
+    raw = torch.tensor([1.01, 1.005, 0.7525])
+    expected = raw / raw.mean()
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(total, 0.5 * (expected * torch.tensor([1.0, 2.0, 3.0])).sum().expand(4))

@@ -19,7 +19,7 @@ from tests.helpers import CPU, StopAt, run_script, tiny_run_config
 def _stage2_config(vae, **kw) -> EVaLPRunConfig:
     settings = dict(batch_size=8, max_steps=6, n_critic=2, energy_hidden=8, sampler_hidden=8, num_couplings=2,
                     log_every=1, eval_batches=1, bn_readjust_batches=1, ckpt_every=100, lr_energy=1e-3,
-                    lr_sampler=1e-3)
+                    lr_sampler=1e-3, critic_warmup_steps=0)
     settings.update(kw)
     return EVaLPRunConfig(EVaLPConfig(**settings), "vae.pt", vae_fingerprint(vae))
 
@@ -68,22 +68,30 @@ def test_zero_energy_identity_sampler_reproduces_nvae_bit_for_bit(vae_checkpoint
         assert torch.equal(plain, evalp)
 
 
-def test_stage2_resume_equals_uninterrupted_run(tmp_path, vae_checkpoint):
-    assert _train(tmp_path / "full", vae_checkpoint)[0] == 0
-    assert _train(tmp_path / "split", vae_checkpoint, stop=StopAt(3))[0] == PREEMPTED_EXIT_CODE
+@pytest.mark.parametrize("extra", [{}, {"sampler_ema": 0.9, "whiten_critic": True, "sampler_mixing": True,
+                                      "gradient_penalty": "one-sided", "critic_warmup_steps": 1}])
+def test_stage2_resume_equals_uninterrupted_run(tmp_path, vae_checkpoint, extra):
+    assert _train(tmp_path / "full", vae_checkpoint, extra)[0] == 0
+    assert _train(tmp_path / "split", vae_checkpoint, extra, stop=StopAt(3))[0] == PREEMPTED_EXIT_CODE
     torch.manual_seed(12345)
-    assert _train(tmp_path / "split", vae_checkpoint, resume=tmp_path / "split" / "checkpoint.pt")[0] == 0
+    assert _train(tmp_path / "split", vae_checkpoint, extra, resume=tmp_path / "split" / "checkpoint.pt")[0] == 0
     full = load_checkpoint(tmp_path / "full" / "checkpoint.pt", "evalp")["task"]
     split = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "evalp")["task"]
-    for part in ("energies", "sampler"):
+    parts = ("energies", "sampler") + (("sampler_ema",) if extra else ())
+    for part in parts:
         for key, value in full[part].items():
             assert torch.equal(value, split[part][key]), (part, key)
+    if extra:  # the moving average is what generation loads, and it differs from the raw weights
+        loaded = load_evalp(tmp_path / "full" / "checkpoint.pt", torch.device("cpu"))
+        for key, value in loaded.sampler.state_dict().items():
+            assert torch.equal(value, full["sampler_ema"][f"module.{key}"]), key
+        assert any(not torch.equal(full["sampler"][k], full["sampler_ema"][f"module.{k}"]) for k in full["sampler"])
 
 
 def test_two_process_torchrun_stage2_trains_and_generates(tmp_path, vae_checkpoint):
     out = run_script("scripts/train_nvae_evalp.py", "--vae", str(vae_checkpoint), "--save", str(tmp_path),
                      "--batch-size", "8", "--max-steps", "4", "--n-critic", "2", "--energy-hidden", "8",
-                     "--sampler-hidden", "8", "--eval-batches", "1", "--bn-readjust-batches", "1",
+                     "--sampler-hidden", "8", "--eval-batches", "1", "--bn-readjust-batches", "1", "--critic-warmup-steps", "0",
                      "--device", "cpu", torchrun=2)
     assert out.returncode == 0, out.stderr[-3000:]
     payload = load_checkpoint(tmp_path / "checkpoint.pt", "evalp")

@@ -26,7 +26,7 @@ from ..energy import EnergySet
 from ..groups import parse_groups
 from ..metrics.mmd import posterior_bandwidth, prior_hole_mmd
 from ..objectives import GroupBatch
-from ..train import (ddp_if_distributed, embedded_vae_state, load_embedded_vae, posterior_group_batches,
+from ..train import (ddp_if_distributed, embedded_vae_state, load_embedded_vae, lr_schedule, posterior_group_batches,
                      train_frozen_prior)
 
 
@@ -75,7 +75,7 @@ class BaselineTask:
     kind = "baseline"
 
     def __init__(self, run_cfg: BaselineRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext,
-                 test_set: Dataset, binarize: bool, logger: RunLogger):
+                 test_set: Dataset, binarize: bool, logger: RunLogger, total_steps: int):
         cfg = run_cfg.prior
         self.run_cfg, self.cfg, self.vae, self.vae_cfg = run_cfg, cfg, vae, vae_cfg
         self.ctx, self.test_set, self.binarize, self.logger = ctx, test_set, binarize, logger
@@ -84,6 +84,7 @@ class BaselineTask:
         self.energies = energies.to(ctx.device)
         self.energy_net = ddp_if_distributed(self.energies, ctx)
         self.optimizer = torch.optim.Adam(self.energies.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.schedule = lr_schedule(self.optimizer, cfg.lr_schedule, total_steps)
         self.precision = Precision.create(cfg.precision, ctx.device)
         self.last_metrics: dict[str, float] = {}
 
@@ -119,6 +120,8 @@ class BaselineTask:
         if not self.precision.backward_and_step(loss, self.optimizer, list(self.energies.parameters()),
                                                 max_grad_norm=float("inf")):
             return None
+        if self.schedule is not None:
+            self.schedule.step()
         stats["loss"] = loss.detach()
         return stats
 
@@ -161,13 +164,16 @@ class BaselineTask:
     def state_dict(self) -> dict[str, Any]:
         """Networks, optimiser, scaler, and the frozen NVAE (config and weights)."""
         return {"energies": self.energies.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.precision.scaler.state_dict(), "vae": embedded_vae_state(self.vae, self.vae_cfg)}
+                "scaler": self.precision.scaler.state_dict(), "vae": embedded_vae_state(self.vae, self.vae_cfg),
+                "schedule": None if self.schedule is None else self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict saved (the NVAE is the one the task was built with)."""
         self.energies.load_state_dict(state["energies"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import nn
 
 from nvae.distributions import draw_normal
 
+from ..energy import conditioned_energy
 from ..objectives import GroupBatch
 from ..sir import DEFAULT_SIR_CHUNK, sir_log_weight, sir_select
 from .common import Baseline, BaselineConfig, BaselineTask, TrainedBaseline
@@ -74,7 +75,7 @@ class NCPPrior:
             return None
         batch = mu_p.shape[0]
         scale = temperature * sigma_p
-        energy_of = self._conditioned_energy(group, h)
+        energy_of = conditioned_energy(self.energies, group, h)
 
         def propose(k: int) -> torch.Tensor:
             """k draws of p0_t per item, (k, batch, C, H, W); proposal j of item i shares item i's context."""
@@ -87,15 +88,6 @@ class NCPPrior:
         with torch.no_grad():
             z, _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, batch)
         return z.to(mu_p.dtype)
-
-
-    def _conditioned_energy(self, group: int, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """z (k * batch, ...) -> (k * batch,) energies, rows j * batch + i sharing h[i]: EnergySet's
-        broadcasting path (h's share computed once per item) when it has one, else h repeated k times."""
-        conditioned = getattr(self.energies, "conditioned", None)
-        if conditioned is not None:
-            return conditioned(group, h)
-        return lambda z: self.energies(group, z, h.repeat(z.shape[0] // h.shape[0], *([1] * (h.dim() - 1))))
 
 
 class NCPTask(BaselineTask):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -47,3 +47,16 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index].float().div_(255.0)  # (C, H, W)
+
+
+HELD_OUT_PARTS = ("validation", "test")
+
+
+def held_out_part(test_split: Dataset, part: str) -> Subset:
+    """One half of a data set's test split: ``validation`` (the first half: choices, checkpoints and sweeps
+    are made on it) or ``test`` (the second half: the numbers that are reported), so no reported metric is
+    ever the one a setting was chosen on. Stage-1 training never sees either."""
+    if part not in HELD_OUT_PARTS:
+        raise ValueError(f"the held-out part must be one of {HELD_OUT_PARTS}, got {part!r}")
+    half = len(test_split) // 2
+    return Subset(test_split, range(half) if part == "validation" else range(half, len(test_split)))

@@ -27,6 +27,11 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def save_text_atomic(path: PathLike, text: str) -> None:
+    """Write a small UTF-8 text file (a report, a summary) so that readers never see a partial one."""
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def _json_value(value: Any) -> Optional[float]:
     """A scalar as a JSON-safe float; NaN/inf become null because strict JSON has no such literals."""
     value = float(value)
