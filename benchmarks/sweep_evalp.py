@@ -91,7 +91,10 @@ def run_one(args: argparse.Namespace, vae_path: Path, overrides: dict[str, Any],
         top = metrics["mmd"]["top"]
         row[label] = {"mmd2_multi": top["mmd2_multi"], "stderr": top["mmd2_multi_stderr"],
                       "gaussian": top["gaussian"]["mmd2_multi"], "gaussian_stderr": top["gaussian"]["mmd2_multi_stderr"],
-                      "noise_floor": top["gaussian"]["null_std_multi"]}
+                      "noise_floor": top["gaussian"]["null_std_multi"],
+                      "groups": [{"mmd2_multi": g["mmd2_multi"], "stderr": g["mmd2_multi_stderr"],
+                                  "gaussian": g["gaussian"]["mmd2_multi"], "noise_floor": g["gaussian"]["null_std_multi"]}
+                                 for g in metrics["mmd"]["groups"]]}
         if args.fid:
             row[label]["fid"] = metrics["fid"]["fid"]
     if args.fid:

@@ -115,8 +115,10 @@ class ObjectiveConfig:
     critic_only: bool = False  # never step the sampler: the critic measures a fixed sampler
 
     def is_sampler_step(self, step: int) -> bool:
-        """Whether the call at ``step`` (0-based) also steps the sampler."""
-        return not self.critic_only and step >= self.critic_warmup_steps and (step + 1) % self.n_critic == 0
+        """Whether the call at ``step`` (0-based) also steps the sampler: calls 0, n_critic, 2 n_critic, ... (from
+        the warm-up on), so that a run of k n_critic calls, and every evaluation at such a boundary, ends with
+        n_critic - 1 critic-only steps: diagnostics never see a critic that has not answered the last update."""
+        return not self.critic_only and step >= self.critic_warmup_steps and step % self.n_critic == 0
 
 
 def plain_backward_and_step(
@@ -166,7 +168,7 @@ def alternating_step(
     gp_grad_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """One EVaLP training step for all groups in ``batch``: an energy step, then a sampler step when
-    ``(step + 1) % n_critic == 0`` (SPEC section 1; the group losses are summed).
+    ``config.is_sampler_step(step)`` (SPEC section 1; the group losses are summed).
 
     ``energies`` is an EnergySet and ``sampler`` a SharedFlowSampler, either possibly wrapped in
     DistributedDataParallel: both are only ever called through their forward. ``autocast()`` opens the

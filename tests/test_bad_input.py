@@ -183,7 +183,7 @@ CASES = [
          "--sir does not apply to --prior langevin (it samples by MCMC)"),
     Case("gen-sir-groups-with-langevin", "generate", GEN + ["--checkpoint", "{langevin}", "--sir-groups", "0"], 2,
          "--prior langevin does not resample, so --sir-groups would be ignored; use with --prior evalp or ncp"),
-    Case("gen-sir-weights-without-sir", "generate", GEN + ["--checkpoint", "{evalp}", "--sir-weights", "energy"], 2,
+    Case("gen-sir-weights-without-sir", "generate", GEN + ["--checkpoint", "{evalp}", "--sir-weights", "exact"], 2,
          "SIR is off for --prior evalp without --sir M, so --sir-weights would be ignored"),
     Case("gen-langevin-steps-with-evalp", "generate", GEN + ["--checkpoint", "{evalp}", "--langevin-steps", "3"], 2,
          "--langevin-steps / --langevin-step-size apply to --prior langevin only, not evalp"),
@@ -200,7 +200,7 @@ CASES = [
          "--sir-groups must be 'all' or comma-separated group indices, got 'top'"),
     Case("eval-sir-groups-with-gaussian", "evaluate", EVAL + ["--sir-groups", "0"], 2,
          "--prior gaussian does not resample, so --sir-groups would be ignored; use with --prior evalp or ncp"),
-    Case("eval-sir-weights-without-sir", "evaluate", EVAL + ["--checkpoint", "{evalp}", "--sir-weights", "energy"], 2,
+    Case("eval-sir-weights-without-sir", "evaluate", EVAL + ["--checkpoint", "{evalp}", "--sir-weights", "exact"], 2,
          "SIR is off for --prior evalp without --sir M, so --sir-weights would be ignored"),
     # ---- scripts/prepare_data.py
     Case("prep-src-missing", "prepare_data", PREP + ["--src", "{tmp}/nowhere"], 2,

@@ -199,7 +199,7 @@ def test_alternating_step_updates_the_right_parameters():
 
     config = ObjectiveConfig(n_critic=2, kl_weight=1e-3)
     e0, s0 = snapshot(energies), snapshot(sampler)
-    stats = alternating_step(batch, energies, sampler, opt_e, opt_s, step=0, config=config)
+    stats = alternating_step(batch, energies, sampler, opt_e, opt_s, step=1, config=config)
     assert stats["sampler_step"].item() == 0 and "sampler_loss" not in stats
     assert all(torch.equal(a, b) for a, b in zip(s0, snapshot(sampler)))
     assert not all(torch.equal(a, b) for a, b in zip(e0, snapshot(energies)))
@@ -219,7 +219,7 @@ def test_alternating_step_updates_the_right_parameters():
         optimizer.step()
         return True
 
-    stats = alternating_step(batch, energies, sampler, opt_e, opt_s, step=1, config=config,
+    stats = alternating_step(batch, energies, sampler, opt_e, opt_s, step=2, config=config,
                              backward_and_step=backward_and_step)
     assert calls == [opt_e, opt_s] and stats["sampler_step"].item() == 1
     assert set(stats) >= {"sampler_loss", "kl/group0", "kl/group2"}
