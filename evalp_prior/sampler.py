@@ -106,17 +106,19 @@ class ChannelMix(nn.Module):
     def _weight(self) -> torch.Tensor:
         return torch.eye(self.delta.shape[0], dtype=self.delta.dtype, device=self.delta.device) + self.delta
 
+    def _logdet(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log|det| of W applied at every position of x, (rows of x,)."""
+        return (torch.linalg.slogdet(weight.double())[1].to(x.dtype) * (x.shape[2] * x.shape[3])).expand(x.shape[0])
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W x and log|det| (rows of x,)."""
         weight = self._weight()
-        logdet = torch.linalg.slogdet(weight.double())[1].to(x.dtype) * (x.shape[2] * x.shape[3])
-        return self._multiply(x, weight), logdet.expand(x.shape[0])
+        return self._multiply(x, weight), self._logdet(weight, x)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W^-1 y and log|det| of the inverse (rows of y,)."""
-        x = self._multiply(y, torch.linalg.inv(self._weight().double()))
-        logdet = -torch.linalg.slogdet(self._weight().double())[1].to(y.dtype) * (y.shape[2] * y.shape[3])
-        return x, logdet.expand(y.shape[0])
+        weight = self._weight()
+        return self._multiply(y, torch.linalg.inv(weight.double())), -self._logdet(weight, y)
 
 
 class SharedFlowSampler(nn.Module):
