@@ -3,12 +3,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
+import tokenize
 import typing
 from typing import Any
 
 
 def _flag(name: str, flag_prefix: str = "") -> str:
     return "--" + flag_prefix + name.replace("_", "-")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment written on each field's own line in dataclass ``cls`` and its dataclass bases (what the
+    setting is, e.g. ``max_steps: int = 0  # >0 caps the run``), reused as its command-line help. Comment
+    lines above a field say why it is set so, and stay out of the help."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        declared: dict[int, str] = {}  # source line -> the field declared on it
+        for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline):
+            if tok.type == tokenize.NAME and tok.line.strip().startswith(tok.string + ":") and tok.start[0] not in declared:
+                declared[tok.start[0]] = tok.string
+            elif tok.type == tokenize.COMMENT and tok.start[0] in declared:
+                comments[declared[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return comments
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str = "",
@@ -20,12 +40,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, p
     """
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"(preset or default: {default})"
+        explained = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        help_text = f"{explained} (preset or default: {default})" if explained else f"(preset or default: {default})"
         dest = prefix + f.name
         if kind is bool:
             group.add_argument(_flag(f.name, flag_prefix), dest=dest, action=argparse.BooleanOptionalAction, default=None,

@@ -138,3 +138,19 @@ def test_sampler_average_is_an_exponential_moving_average():
     ema.update_parameters(sampler)
     for p0, p_ema in zip(start, ema.module.parameters()):
         torch.testing.assert_close(p_ema, 0.9 * p0 + 0.1 * (p0 + 1.0))
+
+
+def test_flag_help_comes_from_the_config_fields_own_comments():
+    import argparse
+
+    from evalp_prior.config import EVaLPConfig
+    from nvae.cli import add_dataclass_args, field_comments
+
+    comments = field_comments(EVaLPConfig)
+    assert comments["critic_warmup_steps"] == "energy-only steps before the first sampler step"
+    assert comments["groups"] == "all | top | comma-separated group indices"  # inherited from FrozenPriorConfig
+    assert "lr_energy" not in comments  # a rationale above a field is not its help
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, EVaLPConfig, "EVaLP")
+    assert "energy-only steps before the first sampler step (preset or default: 300)" in " ".join(
+        parser.format_help().split())
