@@ -1,18 +1,27 @@
 #!/usr/bin/env python
-"""Compare priors on ONE frozen NVAE: Gaussian, EVaLP (with and without SIR), Langevin-MCMC EBM, NCP + SIR.
+"""Compare priors on a frozen NVAE, one training seed per invocation, then aggregate seeds into tables and figures.
 
-Trains a `tiny` (default) or `mnist` NVAE on bundled MNIST (or reuses --vae), fits EVaLP (with the
-defaults of evalp_prior/config.py), the Langevin energy prior and the NCP classifiers on it for the same
-number of steps, then prints one table: FID (N samples vs reference training images), top-group
-prior-hole MMD^2 (one posterior-set kernel for all rows), seconds per image (all rows timed round-robin)
-and its ratio to the Gaussian prior. Every stage's checkpoint is reused when present in --out, so an
-interrupted run continues and a rerun with extra rows only trains what is new.
+Rows: NVAE's Gaussian prior, EVaLP (its sampler), EVaLP + SIR, the Langevin-MCMC energy prior and NCP + SIR,
+all on the same frozen NVAE, the priors trained for the same number of steps. Per seed (resumable: every
+stage's checkpoint and every row's evaluation is reused when present with the same settings):
 
-CPU default (docs/results.md: 14 min on two idle cores with --sir 100 1000 --evalp-kl-weights 0.001 1 --threads 2):
-    python benchmarks/compare_priors.py --out runs/compare_priors
-GPU scale-up example:
-    python benchmarks/compare_priors.py --preset mnist --vae-steps 60000 --prior-steps 20000 --fid-samples 10000 \\
-        --fid-ref-images 60000 --mmd-samples 5000 --sir 100 1000 --out runs/compare_priors_mnist
+    python benchmarks/compare_priors.py --vae runs/small_s0/checkpoint.pt --out runs/compare/small/seed0
+    python benchmarks/compare_priors.py --vae ... --out ... --timing     # alone on the machine: s / image
+    python benchmarks/compare_priors.py --report runs/compare/small/seed* --out runs/compare/small
+
+Baseline learning rates are chosen on the validation half (first half of the test split) by
+    python benchmarks/compare_priors.py --vae runs/small_s0/checkpoint.pt --out runs/compare/small/seed0 \\
+        --lr-sweep 1e-4 1e-3 3e-3
+which trains both baselines at each rate and picks the lowest validation top-group MMD^2 of its prior.
+
+Protocol of the evaluation (every row alike): images generated with BN re-adjustment (--bn-batches batches
+of the row's own prior, the EVaLP sampler standing in for SIR) at temperature 1; FID, KID +- its fold
+standard error and precision/recall (k = 3, as many reference images as samples) on --fid-samples images
+against Inception features of the first --fid-ref-images training images (cached); the prior-hole MMD^2
+per group +- fold standard error against --mmd-samples encoded images of the TEST half (second half of the
+test split), one posterior-set kernel for every row; importance-weighted NLL and ELBO (K = --nll) on
+--nll-images test-half images for every prior with a density, all on the same posterior samples; the NCP
+classifier's accuracy on the validation half as the hole detector; seconds per image timed round-robin.
 """
 from __future__ import annotations
 
@@ -24,50 +33,64 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.figures import plot_bars, plot_prior_hole, plot_sample_grids  # noqa: E402
 from evalp_prior.baselines import langevin_run_config, ncp_run_config, train_langevin, train_ncp  # noqa: E402
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
-from evalp_prior.evaluation import EvalRequest, EvalResources, bn_adjusted, evaluate_prior  # noqa: E402
+from evalp_prior.evaluation import (EvalRequest, EvalResources, bn_adjusted, evaluate_prior,  # noqa: E402
+                                    likelihood_priors, posterior_and_prior_draws)
 from evalp_prior.generation import build_prior, load_for_sampling  # noqa: E402
+from evalp_prior.metrics.nll import Normalisers, dataset_nll  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
-from nvae.config import preset  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
 from nvae.runtime import RunLogger, init_distributed, load_checkpoint, save_text_atomic, seed_everything  # noqa: E402
 from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
-from nvae.train import train_nvae  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/compare_priors"), help="run directory")
-    parser.add_argument("--preset", choices=("tiny", "mnist"), default="tiny")
-    parser.add_argument("--vae", type=Path, default=None, help="reuse this stage-1 checkpoint instead of training one")
-    parser.add_argument("--vae-steps", type=int, default=400)
-    parser.add_argument("--vae-batch", type=int, default=64)
-    parser.add_argument("--prior-steps", type=int, default=250, help="training steps of every prior")
-    parser.add_argument("--prior-batch", type=int, default=64)
-    parser.add_argument("--langevin-steps", type=int, default=20, help="K at training and generation")
-    parser.add_argument("--langevin-step-size", type=float, default=0.05, help="s (noise sqrt(2 s))")
-    parser.add_argument("--sir", type=int, nargs="+", default=[100], help="EVaLP SIR proposal counts (rows)")
-    parser.add_argument("--ncp-sir", type=int, default=100, help="NCP SIR proposals (every group)")
-    parser.add_argument("--evalp-kl-weights", type=float, nargs="*", default=[],
-                        help="extra EVaLP rows trained with these w_kl (SPEC: measure 1e-3 and 1 besides the default)")
-    parser.add_argument("--fid-samples", type=int, default=200)
-    parser.add_argument("--fid-ref-images", type=int, default=1000)
-    parser.add_argument("--mmd-samples", type=int, default=1000)
-    parser.add_argument("--timing-batch", type=int, default=64)
+    parser.add_argument("--out", type=Path, required=True, help="this seed's run directory (with --report: where the tables and figures go)")
+    parser.add_argument("--vae", type=Path, default=None, help="the frozen NVAE: a stage-1 checkpoint (one per training seed)")
+    parser.add_argument("--evalp", type=Path, default=None,
+                        help="reuse this stage-2 checkpoint of the same NVAE instead of training EVaLP here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the priors' training and of the evaluation's draws")
+    parser.add_argument("--prior-steps", type=int, default=1500, help="training steps of every prior")
+    parser.add_argument("--prior-batch", type=int, default=64, help="images per prior training step")
+    parser.add_argument("--eval-batches", type=int, default=20, help="validation batches for the priors' training diagnostics")
+    parser.add_argument("--langevin-lr", type=float, default=None, help="Langevin energy learning rate (default: LangevinConfig's)")
+    parser.add_argument("--ncp-lr", type=float, default=None, help="NCP classifier learning rate (default: NCPConfig's)")
+    parser.add_argument("--langevin-steps", type=int, default=20, help="Langevin steps K at training and generation")
+    parser.add_argument("--langevin-step-size", type=float, default=0.05, help="Langevin step s in whitened units (noise sqrt(2 s))")
+    parser.add_argument("--ncp-sir", type=int, default=100, help="NCP's SIR proposals M at generation")
+    parser.add_argument("--sir", type=int, nargs="*", default=[100], help="SIR proposal counts of the EVaLP + SIR rows")
+    parser.add_argument("--fid-samples", type=int, default=1000, help="generated images per row for FID, KID, precision/recall")
+    parser.add_argument("--fid-ref-images", type=int, default=10000, help="training images in the cached reference features")
+    parser.add_argument("--fid-stats-dir", type=Path, default=Path("runs/fid_stats"), help="cache of reference features")
+    parser.add_argument("--mmd-samples", type=int, default=2000, help="test-half images encoded for the prior-hole MMD^2")
+    parser.add_argument("--nll", type=int, default=100, help="importance samples K per image for NLL and ELBO (0: skip)")
+    parser.add_argument("--nll-images", type=int, default=1000, help="test-half images for NLL and ELBO")
+    parser.add_argument("--bn-batches", type=int, default=20, help="BN re-adjustment batches before generating")
+    parser.add_argument("--grid-images", type=int, default=32, help="images per prior in the sample-grid figure")
+    parser.add_argument("--timing", action="store_true", help="only time sampling (round-robin over rows); run it alone")
+    parser.add_argument("--timing-batch", type=int, default=64, help="images per timed sampling call")
     parser.add_argument("--timing-rounds", type=int, default=7, help="round-robin timing rounds (median taken)")
-    parser.add_argument("--bn-batches", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 behaves best on a shared machine)")
-    return parser.parse_args()
+    parser.add_argument("--lr-sweep", type=float, nargs="+", default=None, metavar="LR",
+                        help="train both baselines at these learning rates and pick each one's best on validation MMD^2")
+    parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="SEED_DIR",
+                        help="aggregate these seed directories into OUT/compare_priors.{md,json} and figures")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = parser.parse_args(argv)
+    if args.report is None and args.vae is None:
+        parser.error("--vae is required (unless --report)")
+    return args
 
 
 def _stage(path: Path, name: str, config_json: str, total_steps: int, train, seconds: dict[str, Any]) -> Path:
@@ -98,6 +121,80 @@ def _stage(path: Path, name: str, config_json: str, total_steps: int, train, sec
     return ckpt
 
 
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    """The training settings every prior shares."""
+    return dict(batch_size=args.prior_batch, max_steps=args.prior_steps, seed=args.seed, eval_batches=args.eval_batches,
+                bn_readjust_batches=args.bn_batches, ckpt_every=max(args.prior_steps // 2, 1))
+
+
+def _baseline_configs(args: argparse.Namespace, fingerprint: str, langevin_lr: Optional[float],
+                      ncp_lr: Optional[float]) -> dict[str, Any]:
+    """{stage name: run config} of the two baselines at these learning rates (None: the config default)."""
+    common = _common(args)
+    langevin = langevin_run_config(str(args.vae), fingerprint, langevin_steps=args.langevin_steps,
+                                   langevin_step_size=args.langevin_step_size, **common,
+                                   **({} if langevin_lr is None else {"lr": langevin_lr}))
+    ncp = ncp_run_config(str(args.vae), fingerprint, sir_proposals=args.ncp_sir, **common,
+                         **({} if ncp_lr is None else {"lr": ncp_lr}))
+    return {f"langevin_lr{langevin.prior.lr:g}": (langevin, train_langevin), f"ncp_lr{ncp.prior.lr:g}": (ncp, train_ncp)}
+
+
+def train_stages(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, fingerprint: str, ctx: Any,
+                 timings: dict[str, Any]) -> dict[str, Path]:
+    """Checkpoints of EVaLP (trained here or --evalp) and both baselines at the chosen learning rates."""
+    checkpoints: dict[str, Path] = {}
+    if args.evalp is not None:
+        if json.loads(load_checkpoint(args.evalp, "evalp", map_location="cpu")["config"])["vae_fingerprint"] != fingerprint:
+            raise SystemExit(f"--evalp {args.evalp} was trained on another NVAE than --vae {args.vae}")
+        checkpoints["evalp"] = args.evalp
+        timings["evalp"] = "reused"
+    else:
+        cfg = EVaLPRunConfig(dataclasses.replace(EVaLPConfig(), **_common(args)), str(args.vae), fingerprint)
+        seed_everything(args.seed, ctx)
+        checkpoints["evalp"] = _stage(args.out / "evalp", "evalp", cfg.to_json(), args.prior_steps,
+                                      lambda logger, resume: train_evalp(cfg, vae, vae_cfg, ctx, args.out / "evalp",
+                                                                         logger, resume), timings)
+    for name, (cfg, train) in _baseline_configs(args, fingerprint, args.langevin_lr, args.ncp_lr).items():
+        seed_everything(args.seed, ctx)
+        checkpoints[name.split("_lr")[0]] = _stage(
+            args.out / name, name, cfg.to_json(), args.prior_steps,
+            lambda logger, resume, c=cfg, f=train, n=name: f(c, vae, vae_cfg, ctx, args.out / n, logger, resume), timings)
+    return checkpoints
+
+
+def lr_sweep(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, fingerprint: str, ctx: Any) -> None:
+    """Both baselines at every --lr-sweep rate; the best of each on its final validation top-group MMD^2."""
+    results: dict[str, dict[str, float]] = {"langevin": {}, "ncp": {}}
+    timings: dict[str, Any] = {}
+    for lr in args.lr_sweep:
+        for name, (cfg, train) in _baseline_configs(args, fingerprint, lr, lr).items():
+            seed_everything(args.seed, ctx)
+            _stage(args.out / name, name, cfg.to_json(), args.prior_steps,
+                   lambda logger, resume, c=cfg, f=train, n=name: f(c, vae, vae_cfg, ctx, args.out / n, logger, resume),
+                   timings)
+            kind = name.split("_lr")[0]
+            final = json.loads((args.out / name / "final_metrics.json").read_text())
+            results[kind][f"{lr:g}"] = final[f"mmd_{kind}_top"]
+    best = {kind: min(r, key=r.get) for kind, r in results.items()}
+    lines = ["| baseline | " + " | ".join(f"lr {lr:g}" for lr in args.lr_sweep) + " | chosen |", "|---" * (len(args.lr_sweep) + 2) + "|"]
+    for kind, r in results.items():
+        lines.append(f"| {kind} | " + " | ".join(f"{r[f'{lr:g}']:.4g}" for lr in args.lr_sweep) + f" | {best[kind]} |")
+    table = "\n".join(lines)
+    save_text_atomic(args.out / "lr_sweep.json", json.dumps({"validation_mmd2_top": results, "chosen": best,
+                                                             "train_seconds": timings, "table": table}, indent=2) + "\n")
+    print("validation top-group MMD^2 of each baseline's prior at the end of training:")
+    print(table)
+
+
+def _rows(args: argparse.Namespace, setups: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(label, hook, BN re-adjustment hook) of every compared prior."""
+    rows: list[tuple[str, Any, Any]] = [("gaussian", None, None), ("evalp", *build_prior(setups["evalp"], "evalp"))]
+    rows += [(f"evalp+sir{m}", *build_prior(setups["evalp"], "evalp", m)) for m in args.sir]
+    rows.append(("langevin", *build_prior(setups["langevin"], "langevin")))
+    rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir)))
+    return rows
+
+
 def interleaved_timing(rows: list[tuple[str, Any, Any]], vae: NVAE, args: argparse.Namespace,
                        device: torch.device) -> dict[str, dict[str, Any]]:
     """Seconds per image of every row's NVAE.sample at one batch size, timed round-robin (one call per row
@@ -117,85 +214,168 @@ def interleaved_timing(rows: list[tuple[str, Any, Any]], vae: NVAE, args: argpar
                     "batch_size": args.timing_batch, "rounds": args.timing_rounds} for label, c in calls.items()}
 
 
+def _cached(path: Path, settings: dict[str, Any], compute) -> dict[str, Any]:
+    """compute()'s JSON result, reused from path when it was made with the same settings."""
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("settings") == settings:
+            return cached
+    start = time.perf_counter()
+    result = {"settings": settings, **compute(), "seconds": time.perf_counter() - start}
+    save_text_atomic(path, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    print(f"[{path.stem}] {result['seconds']:.0f} s", flush=True)
+    return result
+
+
+def run_seed(args: argparse.Namespace) -> None:
+    """Train (or reuse) every prior on --vae and evaluate every row; with --timing only time sampling."""
+    ctx = init_distributed(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    vae, vae_cfg, fingerprint = load_vae_for_stage2(args.vae, ctx.device)
+    if args.lr_sweep:
+        lr_sweep(args, vae, vae_cfg, fingerprint, ctx)
+        return
+    timings: dict[str, Any] = {}
+    checkpoints = train_stages(args, vae, vae_cfg, fingerprint, ctx, timings)
+    setups = {name: load_for_sampling(path, ctx.device) for name, path in checkpoints.items()}
+    rows = _rows(args, setups)
+    if args.timing:
+        timing = interleaved_timing(rows, vae, args, ctx.device)
+        save_text_atomic(args.out / "timing.json", json.dumps(
+            {"timing": timing, "torch_threads": torch.get_num_threads(), "device": str(ctx.device)}, indent=2) + "\n")
+        for label, t in timing.items():
+            print(f"{label}: {t['seconds_per_image']:.3e} s / image", flush=True)
+        return
+    req = EvalRequest(fid_samples=args.fid_samples, fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir,
+                      mmd=True, mmd_samples=args.mmd_samples, bn_batches=args.bn_batches, split="test", seed=args.seed)
+    res = EvalResources(vae, vae_cfg, ctx.device, req)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(req).items()}
+    results = {label: _cached(args.out / "eval" / f"{label}.json", {**settings, "checkpoint": str(checkpoints.get(label.split("+")[0], args.vae))},
+                              lambda h=hook, b=bn: evaluate_prior(res, h, b)) for label, hook, bn in rows}
+    densities = {"gaussian": None}
+    for label, hook, _ in rows[1:]:
+        if "+sir" not in label or label.startswith("ncp"):
+            densities.update({k: v for k, v in likelihood_priors(label.split("+")[0], hook).items() if v is not None})
+    nll_settings = {"K": args.nll, "images": args.nll_images, "split": "test", "seed": args.seed,
+                    "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
+
+    def likelihood() -> dict[str, Any]:
+        torch.manual_seed(args.seed)
+        return {"priors": dataset_nll(vae, res.held_out(), args.nll, args.nll_images, res.binarize(), 64, 16,
+                                      ctx.device, densities, Normalisers())}
+    nll = _cached(args.out / "nll.json", nll_settings, likelihood) if args.nll else None
+    _figure_data(args, rows, vae, res, ctx.device)
+    ncp_final = json.loads((checkpoints["ncp"].parent / "final_metrics.json").read_text())
+    summary = {"vae": str(args.vae), "vae_fingerprint": fingerprint, "seed": args.seed, "checkpoints": checkpoints,
+               "train_seconds": timings, "rows": results, "row_order": [label for label, _, _ in rows], "nll": nll,
+               "ncp_validation_accuracy": {k: v for k, v in ncp_final.items() if k.startswith("accuracy/")},
+               "evalp_config": json.loads(load_checkpoint(checkpoints["evalp"], "evalp", map_location="cpu")["config"]),
+               "langevin_config": json.loads(load_checkpoint(checkpoints["langevin"], "langevin", map_location="cpu")["config"]),
+               "ncp_config": json.loads(load_checkpoint(checkpoints["ncp"], "ncp", map_location="cpu")["config"]),
+               "torch_threads": torch.get_num_threads()}
+    save_text_atomic(args.out / "seed_summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    print(f"wrote {args.out / 'seed_summary.json'}")
+
+
+def _figure_data(args: argparse.Namespace, rows: list[tuple[str, Any, Any]], vae: NVAE, res: EvalResources,
+                 device: torch.device) -> None:
+    """Top-group draws of every row on the test half (for the PCA figure) and a sample grid per row, one seed."""
+    path = args.out / "figure_data.npz"
+    if path.is_file():
+        return
+    draws = posterior_and_prior_draws(vae, {label: hook for label, hook, _ in rows}, res.held_out(), args.mmd_samples,
+                                      64, res.binarize(), device, args.seed)
+    arrays = {f"z1/{label}": draws[label][0].numpy() for label, _, _ in rows}
+    arrays["z1/posterior"] = draws["posterior"][0].numpy()
+    for label, hook, bn in rows:
+        torch.manual_seed(args.seed)
+        model = bn_adjusted(vae, bn if bn is not None else hook, args.bn_batches, 64, 1.0)
+        torch.manual_seed(args.seed + 1)
+        with torch.no_grad():
+            arrays[f"grid/{label}"] = model.crop(model.sample(args.grid_images, 1.0, hook)).cpu().numpy()
+    from evalp_prior.metrics.fid import save_npz_atomic
+
+    save_npz_atomic(path, **arrays)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one seed)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def report(args: argparse.Namespace) -> None:
+    """Aggregate seed directories: tables (markdown + JSON) and the three figures."""
+    seeds = [json.loads((d / "seed_summary.json").read_text()) for d in args.report]
+    timings = [json.loads((d / "timing.json").read_text())["timing"] for d in args.report if (d / "timing.json").is_file()]
+    labels = seeds[0]["row_order"]
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    for label in labels:
+        per = [s["rows"][label] for s in seeds]
+        gauss = [s["rows"]["gaussian"] for s in seeds]
+        t = {"FID": _mean_std([p["fid"]["fid"] for p in per]),
+             "FID / Gaussian": _mean_std([p["fid"]["fid"] / g["fid"]["fid"] for p, g in zip(per, gauss)]),
+             "KID x1e3": _mean_std([1e3 * p["fid"]["kid"] for p in per]),
+             "KID stderr x1e3 (mean over seeds)": (float(np.mean([1e3 * p["fid"]["kid_stderr"] for p in per])), 0.0),
+             "precision": _mean_std([p["fid"]["precision"] for p in per]),
+             "recall": _mean_std([p["fid"]["recall"] for p in per]),
+             "MMD^2 z_1 x1e3": _mean_std([1e3 * p["mmd"]["top"]["mmd2_multi"] for p in per]),
+             "MMD^2 / Gaussian": _mean_std([p["mmd"]["top"]["mmd2_multi"] / g["mmd"]["top"]["mmd2_multi"]
+                                            for p, g in zip(per, gauss)])}
+        if timings:
+            t["s / image x1e3"] = _mean_std([1e3 * tm[label]["seconds_per_image"] for tm in timings])
+            t["time / Gaussian"] = _mean_std([tm[label]["seconds_per_image"] / tm["gaussian"]["seconds_per_image"]
+                                              for tm in timings])
+        table[label] = t
+    columns = list(table[labels[0]])
+    lines = ["| prior | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, t in table.items():
+        lines.append(f"| {label} | " + " | ".join(f"{m:.4g} +- {s:.2g}" for m, s in (t[c] for c in columns)) + " |")
+    likelihood: dict[str, dict[str, tuple[float, float]]] = {}
+    if all(s["nll"] for s in seeds):
+        for name in ["gaussian", *sorted(set(seeds[0]["nll"]["priors"]) - {"gaussian"})]:
+            per = [s["nll"]["priors"][name] for s in seeds]
+            base = [s["nll"]["priors"]["gaussian"] for s in seeds]
+            likelihood[name] = {"NLL (nats)": _mean_std([p["nats"] for p in per]),
+                                "-ELBO (nats)": _mean_std([p["elbo_nats"] for p in per]),
+                                "ELBO gain over Gaussian (nats)": _mean_std([b["elbo_nats"] - p["elbo_nats"] for p, b in zip(per, base)]),
+                                "NLL gain over Gaussian (nats)": _mean_std([b["nats"] - p["nats"] for p, b in zip(per, base)]),
+                                "log Z bias (nats)": _mean_std([sum(r["log_z_bias"] for r in p["log_z"]) for p in per])}
+        cols = list(next(iter(likelihood.values())))
+        lines += ["", "| density | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, t in likelihood.items():
+            lines.append(f"| {name} | " + " | ".join(f"{m:.4g} +- {s:.2g}" for m, s in (t[c] for c in cols)) + " |")
+    accuracy = [s["ncp_validation_accuracy"].get("accuracy/group00") for s in seeds]
+    lines += ["", f"NCP classifier accuracy on the validation half, top group: {_mean_std(accuracy)[0]:.3f} +- "
+                  f"{_mean_std(accuracy)[1]:.2g} (0.5 = no detectable hole)",
+              f"seeds: {len(seeds)}; timing runs: {len(timings)}"]
+    text = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_text_atomic(args.out / "compare_priors.md", text + "\n")
+    save_text_atomic(args.out / "compare_priors.json", json.dumps(
+        {"seed_dirs": [str(d) for d in args.report], "table": table, "likelihood": likelihood,
+         "ncp_accuracy": accuracy, "markdown": text}, indent=2) + "\n")
+    first = np.load(args.report[0] / "figure_data.npz")
+    plot_prior_hole(first["z1/posterior"], {label: first[f"z1/{label}"] for label in labels},
+                    args.out / "prior_hole_pca.png", "top group z_1: 2-D PCA of the posterior (test half), seed dir "
+                    f"{args.report[0].name}")
+    plot_sample_grids({label: first[f"grid/{label}"] for label in labels}, args.out / "samples.png")
+    bars = {"FID": "FID", "KID x1e3": "KID x1e3", "MMD^2 z_1 x1e3": "MMD^2 z_1 x1e3"}
+    plot_bars(labels, {title: ([table[label][key][0] for label in labels], [table[label][key][1] for label in labels])
+                       for title, key in bars.items()}, args.out / "metrics.png",
+              f"mean +- std over {len(seeds)} seeds")
+    print(text)
+    print(f"wrote {args.out / 'compare_priors.md'}, prior_hole_pca.png, samples.png, metrics.png")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    ctx = init_distributed(args.device)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, Any] = {}  # training seconds per stage, or 'reused'
-
-    if args.vae is None:
-        cfg = preset(args.preset)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, dataset="mnist", max_steps=args.vae_steps, batch_size=args.vae_batch, seed=args.seed,
-            eval_batches=5, bn_readjust_batches=5, ckpt_every=max(args.vae_steps // 4, 1)))
-        seed_everything(args.seed, ctx)
-        vae_path = _stage(out / "vae", "nvae", cfg.to_json(), args.vae_steps,
-                          lambda logger, resume: train_nvae(cfg, ctx, out / "vae", logger, resume), timings)
+    if args.report is not None:
+        report(args)
     else:
-        vae_path = args.vae
-    vae, vae_cfg, fingerprint = load_vae_for_stage2(vae_path, ctx.device)
-    common = dict(batch_size=args.prior_batch, max_steps=args.prior_steps, seed=args.seed, eval_batches=4,
-                  bn_readjust_batches=args.bn_batches, ckpt_every=max(args.prior_steps // 2, 1))
-
-    evalp_cfg = EVaLPRunConfig(dataclasses.replace(EVaLPConfig(), **common), str(vae_path), fingerprint)
-    langevin_cfg = langevin_run_config(str(vae_path), fingerprint, langevin_steps=args.langevin_steps,
-                                       langevin_step_size=args.langevin_step_size, **common)
-    ncp_cfg = ncp_run_config(str(vae_path), fingerprint, sir_proposals=args.ncp_sir, **common)
-    extra_evalp = {f"evalp_wkl{w:g}": EVaLPRunConfig(dataclasses.replace(evalp_cfg.evalp, kl_weight=w), str(vae_path),
-                                                     fingerprint) for w in args.evalp_kl_weights}
-    stages = [("evalp", evalp_cfg, train_evalp), *((n, c, train_evalp) for n, c in extra_evalp.items()),
-              ("langevin", langevin_cfg, train_langevin), ("ncp", ncp_cfg, train_ncp)]
-    checkpoints = {}
-    for name, run_cfg, train in stages:
-        seed_everything(args.seed, ctx)
-        checkpoints[name] = _stage(out / name, name, run_cfg.to_json(), args.prior_steps, lambda logger, resume, c=run_cfg, f=train, n=name:
-                                   f(c, vae, vae_cfg, ctx, out / n, logger, resume), timings)
-
-    req = EvalRequest(fid_samples=args.fid_samples, fid_ref_images=args.fid_ref_images,
-                      fid_stats_dir=out / "fid_stats", mmd=True, mmd_samples=args.mmd_samples,
-                      bn_batches=args.bn_batches, seed=args.seed)
-    res = EvalResources(vae, vae_cfg, ctx.device, req)
-    setups = {name: load_for_sampling(path, ctx.device) for name, path in checkpoints.items()}
-    rows: list[tuple[str, Any, Any]] = [("gaussian", None, None)]
-    evalp_hook, evalp_bn = build_prior(setups["evalp"], "evalp")
-    rows.append(("evalp", evalp_hook, evalp_bn))
-    for m in args.sir:
-        hook, bn = build_prior(setups["evalp"], "evalp", m)
-        rows.append((f"evalp+sir{m}", hook, bn))
-    for name in extra_evalp:  # without SIR: these rows ask how w_kl alone changes the sampler
-        rows.append((name.replace("_", " "), *build_prior(setups[name], "evalp")))
-    rows.append(("langevin", *build_prior(setups["langevin"], "langevin")))
-    rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir)))
-
-    results = {}
-    for label, hook, bn_hook in rows:
-        t0 = time.perf_counter()
-        results[label] = evaluate_prior(res, hook, bn_hook)
-        print(f"[eval] {label}: {time.perf_counter() - t0:.0f} s", flush=True)
-    for label, timing in interleaved_timing(rows, vae, args, ctx.device).items():
-        results[label]["timing"] = timing
-    base_time = results["gaussian"]["timing"]["seconds_per_image"]
-    header = (f"| prior | FID ({args.fid_samples} samples vs {args.fid_ref_images} train) | MMD^2 z_1 (median bw) "
-              f"| MMD^2 z_1 (0.5/1/2 bw) | MMD^2 mean over groups (0.5/1/2 bw) | s / image (batch {args.timing_batch}) "
-              f"| x Gaussian |")
-    lines = [header, "|" + "---|" * 7]
-    for label, r in results.items():
-        spi, mmd = r["timing"]["seconds_per_image"], r["mmd"]
-        lines.append(f"| {label} | {r['fid']['fid']:.1f} | {mmd['top']['mmd2']:.4f} | {mmd['top']['mmd2_multi']:.4f} "
-                     f"| {mmd['mean_mmd2_multi']:.4f} | {spi:.2e} | {spi / base_time:.1f} |")
-    table = "\n".join(lines)
-    summary = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "device": str(ctx.device), "torch_threads": torch.get_num_threads(),
-               "vae": str(vae_path), "vae_fingerprint": fingerprint,
-               "evalp_config": dataclasses.asdict(evalp_cfg.evalp),
-               "evalp_extra_kl_weights": list(args.evalp_kl_weights),
-               "langevin_config": dataclasses.asdict(langevin_cfg.prior), "ncp_config": dataclasses.asdict(ncp_cfg.prior),
-               "train_seconds": timings, "results": results, "table": table}
-    save_text_atomic(out / "compare_priors.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    print(table)
-    print(f"wrote {out / 'compare_priors.json'}")
+        run_seed(args)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

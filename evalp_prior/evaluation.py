@@ -24,7 +24,7 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -40,9 +40,11 @@ from nvae.train import binarize_if_needed
 
 from .generation import (SamplingSetup, build_prior, default_prior,
                          describe_prior, load_for_sampling, sir_proposals)
-from .metrics.fid import InceptionFeatures, fid_from_images, reference_stats
-from .metrics.mmd import posterior_bandwidth, prior_hole_mmd
-from .metrics.nll import dataset_nll
+from .metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, image_features, reference_features
+from .metrics.mmd import kernel_inception_distance, posterior_bandwidth, prior_hole_mmd
+from .metrics.precision_recall import precision_recall
+from .metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES, Normalisers, dataset_nll
+from .prior import EVaLPPrior, SamplerDensity
 from .metrics.timing import seconds_per_image
 from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS
 
@@ -65,6 +67,8 @@ class EvalRequest:
     nll_samples: int = 0  # K importance samples
     nll_images: int = 1000
     nll_chunk: int = 16
+    log_z_samples: int = DEFAULT_LOG_Z_SAMPLES  # proposals for a normaliser shared by all items (top group)
+    log_z_item_samples: int = DEFAULT_LOG_Z_ITEM_SAMPLES  # proposals per posterior sample, other groups
     timing: bool = False
     timing_batch: int = 64
     timing_repeats: int = 5
@@ -93,6 +97,8 @@ class EvalRequest:
             (self.nll_samples >= 0, f"--nll needs K >= 1 importance samples, got {self.nll_samples}"),
             (self.nll_images >= 1, f"--nll-images must be >= 1, got {self.nll_images}"),
             (self.nll_chunk >= 1, f"--nll-chunk must be >= 1, got {self.nll_chunk}"),
+            (self.log_z_samples >= 1, f"--log-z-samples must be >= 1, got {self.log_z_samples}"),
+            (self.log_z_item_samples >= 1, f"--log-z-item-samples must be >= 1, got {self.log_z_item_samples}"),
             (self.timing_batch >= 1, f"--timing-batch must be >= 1, got {self.timing_batch}"),
             (self.timing_repeats >= 1, f"--timing-repeats must be >= 1, got {self.timing_repeats}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
@@ -114,7 +120,7 @@ class EvalResources:
     device: torch.device
     request: EvalRequest
     _features: Optional[InceptionFeatures] = field(default=None, repr=False)
-    _reference: Optional[tuple[np.ndarray, np.ndarray, dict[str, Any]]] = field(default=None, repr=False)
+    _reference: Optional[tuple[torch.Tensor, np.ndarray, np.ndarray, dict[str, Any]]] = field(default=None, repr=False)
 
     def data_root(self) -> Optional[str]:
         """Where the NVAE's data set is read from: the request's root, else the one stage 1 recorded."""
@@ -138,8 +144,10 @@ class EvalResources:
             self._features = InceptionFeatures(batch_size=self.request.fid_batch).to(self.device)
         return self._features
 
-    def reference(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """(mu, sigma, description) of the training split's features, from the cache when it matches."""
+    def reference(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray, dict[str, Any]]:
+        """(features (N, 2048), mu, sigma, description) of the first N training images, N = fid_ref_images;
+        the features from the cache when it matches (computed once per data set: 10k images ~16 min on 2 CPU
+        cores), the statistics from them once per evaluation."""
         if self._reference is None:
             tc, root = self.vae_cfg.train, self.data_root()
             train = self.split("train")
@@ -148,47 +156,56 @@ class EvalResources:
             name = tc.dataset + (f"@{hashlib.sha1(str(root).encode()).hexdigest()[:8]}" if root else "")
             batches = (self.vae.crop(b) for b in DataLoader(Subset(train, range(count)), batch_size=self.request.fid_batch))
             size = list(self.vae.crop(train[0].unsqueeze(0)).shape[-2:])
-            mu, sigma = reference_stats(batches, name, "train", count, self.request.fid_stats_dir, self.features(),
-                                        image_size=size)
-            self._reference = (mu, sigma, {"reference_images": count, "reference_split": "train",
-                                           "stats_dir": str(self.request.fid_stats_dir), "image_size": size})
+            features = reference_features(batches, name, "train", count, self.request.fid_stats_dir, self.features(),
+                                          image_size=size)
+            mu, sigma = FeatureStats(features.shape[1]).update(features).mean_cov()
+            self._reference = (features, mu, sigma, {"reference_images": count, "reference_split": "train",
+                                                     "stats_dir": str(self.request.fid_stats_dir), "image_size": size})
         return self._reference
 
 
 @torch.no_grad()
-def prior_hole_mmd_per_group(vae: NVAE, prior: Optional[PriorHook], dataset: Dataset, num: int, batch_size: int,
-                             binarize: bool, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Prior-hole MMD^2 of every group between posterior samples and the prior's draws, and NVAE's.
-
-    One posterior pass per batch of the first num test images gives z_l ~ q and the context (h_l, mu_p,
-    sigma_p) on that path; the prior (and, for reference, NVAE's Gaussian) draws z_l given the same
-    context. For the top group the context is the constant start tensor, so its MMD compares the
-    aggregate posterior q(z_1) with the prior's marginal. Each group's kernel bandwidth is the median
-    heuristic of its posterior samples alone. Posterior draws are seeded by POSTERIOR_SEED and the batch
-    index, so they are the same whatever prior is evaluated; prior draws by seed and the batch index.
-    """
+def posterior_and_prior_draws(vae: NVAE, priors: Mapping[str, Optional[PriorHook]], dataset: Dataset, num: int,
+                              batch_size: int, binarize: bool, device: torch.device,
+                              seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    """Per group, flattened samples (n, d) on the CPU: ``posterior`` z_l ~ q of the first num images of
+    dataset, and each named prior's draw of z_l given the context (h_l, mu_p, sigma_p) of the same posterior
+    path (None = NVAE's Gaussian). For the top group the context is the constant start tensor, so its draws
+    are the prior's marginal. Posterior draws are seeded by POSTERIOR_SEED and the batch index, so they are the
+    same whatever priors are asked for; each prior's draws by seed and the batch index (the same noise for all:
+    a hook that declines a group draws exactly NVAE's sample)."""
     n = min(num, len(dataset))
     if n < 4:
         raise ValueError(f"the prior-hole MMD needs at least 4 test images, the split has {len(dataset)}")
-    samples: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in vae.group_specs] for k in ("post", "prior", "gauss")}
+    samples: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in vae.group_specs] for k in ("posterior", *priors)}
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         for i, batch in enumerate(DataLoader(Subset(dataset, range(n)), batch_size=batch_size)):
             torch.manual_seed(POSTERIOR_SEED + i)
             groups = vae.posterior(binarize_if_needed(batch.to(device), binarize)).groups
-            for key, hook in (("gauss", None), ("prior", prior)):
-                torch.manual_seed(seed * 1_000_003 + i)  # the same noise for both: a hook that declines = Gaussian
+            for key, hook in priors.items():
+                torch.manual_seed(seed * 1_000_003 + i)
                 for g, st in enumerate(groups):
                     z = hook.sample_group(g, st.h, st.mu_p, st.sigma_p, 1.0) if hook is not None else None
                     samples[key][g].append((draw_normal(st.mu_p, st.sigma_p) if z is None else z).flatten(1).float().cpu())
             for g, st in enumerate(groups):
-                samples["post"][g].append(st.z.flatten(1).float().cpu())
+                samples["posterior"][g].append(st.z.flatten(1).float().cpu())
+    return {key: [torch.cat(per_group) for per_group in groups] for key, groups in samples.items()}
+
+
+def prior_hole_mmd_per_group(vae: NVAE, prior: Optional[PriorHook], dataset: Dataset, num: int, batch_size: int,
+                             binarize: bool, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Prior-hole MMD^2 of every group between posterior samples and the prior's draws, and NVAE's
+    (posterior_and_prior_draws). Each group's kernel bandwidth is the median heuristic of its posterior samples
+    alone, so every prior is measured with the same kernel."""
+    draws = posterior_and_prior_draws(vae, {"gauss": None, "prior": prior}, dataset, num, batch_size, binarize,
+                                      device, seed)
     per_group = []
-    for g in range(len(vae.group_specs)):
-        post, z_prior, z_gauss = (torch.cat(samples[k][g]) for k in ("post", "prior", "gauss"))
+    for post, z_prior, z_gauss in zip(draws["posterior"], draws["prior"], draws["gauss"]):
         bandwidth = float(posterior_bandwidth(post))
         per_group.append({**prior_hole_mmd(post, z_prior, bandwidth, MMD_PERMUTATIONS), "bandwidth": bandwidth,
                           "gaussian": prior_hole_mmd(post, z_gauss, bandwidth, MMD_PERMUTATIONS)})
-    return {"top": {**per_group[0], "group": 0, "num_samples": n}, "groups": per_group,
+    return {"top": {**per_group[0], "group": 0, "num_samples": int(draws["posterior"][0].shape[0])},
+            "groups": per_group,
             "mean_mmd2_multi": sum(r["mmd2_multi"] for r in per_group) / len(per_group),
             "mean_mmd2_multi_gaussian": sum(r["gaussian"]["mmd2_multi"] for r in per_group) / len(per_group)}
 
@@ -210,6 +227,17 @@ def sample_batches(model: NVAE, prior: Optional[PriorHook], num: int, batch_size
         yield model.crop(model.sample(min(batch_size, num - start), temperature, prior)).cpu()
 
 
+def image_metrics(generated: torch.Tensor, ref: torch.Tensor, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> dict[str, Any]:
+    """FID, KID +- its fold standard error, and precision/recall of generated features against the reference's.
+
+    Precision/recall use as many reference images as there are generated ones (the first ones): a k-NN
+    radius depends on its set's size, so unequal sets would bias one of the two.
+    """
+    mu, sigma = FeatureStats(generated.shape[1]).update(generated).mean_cov()
+    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), **kernel_inception_distance(generated, ref),
+            **precision_recall(ref[: generated.shape[0]], generated)}
+
+
 def evaluate_prior(res: EvalResources, prior: Optional[PriorHook], bn_prior: Optional[PriorHook]) -> dict[str, Any]:
     """FID, top-group MMD and timing (whichever res.request asks for) of one prior hook on res.vae."""
     req, out = res.request, {}
@@ -219,12 +247,12 @@ def evaluate_prior(res: EvalResources, prior: Optional[PriorHook], bn_prior: Opt
         model = bn_adjusted(res.vae, bn_prior if bn_prior is not None else prior, req.bn_batches, req.fid_batch,
                             req.temperature)
     if req.fid_samples:
-        mu, sigma, reference = res.reference()
+        ref, mu, sigma, reference = res.reference()
         torch.manual_seed(req.seed)
-        value = fid_from_images(sample_batches(model, prior, req.fid_samples, req.fid_batch, req.temperature),
-                                mu, sigma, res.features())
-        out["fid"] = {"fid": value, "num_samples": req.fid_samples, "temperature": req.temperature,
-                      "bn_batches": req.bn_batches, **reference}
+        generated = image_features(sample_batches(model, prior, req.fid_samples, req.fid_batch, req.temperature),
+                                   res.features(), desc="generated")
+        out["fid"] = {**image_metrics(generated, ref, mu, sigma), "num_samples": req.fid_samples,
+                      "temperature": req.temperature, "bn_batches": req.bn_batches, **reference}
     if req.mmd:
         out["mmd"] = prior_hole_mmd_per_group(res.vae, prior, res.held_out(), req.mmd_samples, req.batch_size,
                                               res.binarize(), res.device, req.seed)
@@ -235,6 +263,31 @@ def evaluate_prior(res: EvalResources, prior: Optional[PriorHook], bn_prior: Opt
                                               req.timing_batch, warmup=1, repeats=req.timing_repeats,
                                               device=res.device)
     return out
+
+
+def likelihood_priors(prior_name: str, hook: Optional[PriorHook]) -> dict[str, Any]:
+    """The densities the NLL is reported for: NVAE's Gaussian always; the prior's own when it has one
+    (EVaLP's energy prior p_psi, Langevin's and NCP's tilted p0), and EVaLP's sampler q_alpha (exact)."""
+    priors: dict[str, Any] = {"gaussian": None}
+    if hook is not None and hasattr(hook, "log_density_ratio"):
+        priors[prior_name] = hook
+    if isinstance(hook, EVaLPPrior):
+        priors[f"{prior_name}_sampler"] = SamplerDensity(hook.sampler, hook.groups)
+    return priors
+
+
+def likelihood_note(prior_name: str, sir: Optional[int]) -> str:
+    """What the NLL rows are the likelihood of, in words (for the report)."""
+    note = ("gaussian: exact IWAE bound with NVAE's own prior. Energy priors: log Z by importance sampling "
+            "(log_z: proposals, relative variance and the estimated bias of log Z-hat; the estimate's log is "
+            "biased low, so the NLL is biased low by about |log_z_bias|).")
+    if prior_name == "evalp":
+        note += (" evalp: the energy prior p_psi = p0 exp(-E) / Z, Z estimated with sampler proposals; "
+                 "evalp_sampler: the sampler q_alpha read as a prior (normalised: exact).")
+    if sir:
+        note += (f" SIR({sir}) resampling has no tractable density: its rows are those of the density it "
+                 "targets (p_psi, or NCP's tilted prior), which SIR approaches as M grows.")
+    return note
 
 
 def prior_label(prior: str, sir: Optional[int]) -> str:
@@ -255,9 +308,12 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
     metrics = evaluate_prior(res, prior, bn_prior)
     if req.nll_samples:
         torch.manual_seed(req.seed)
-        metrics["nll"] = {**dataset_nll(setup.vae, res.held_out(), req.nll_samples, req.nll_images, res.binarize(),
-                                        req.batch_size, req.nll_chunk, device),
-                          "prior": "gaussian (the NVAE's own; EBM normalisers are intractable)"}
+        priors = likelihood_priors(prior_name, prior)
+        normalisers = Normalisers(req.log_z_samples, req.log_z_item_samples)
+        metrics["nll"] = {"priors": dataset_nll(setup.vae, res.held_out(), req.nll_samples, req.nll_images,
+                                                res.binarize(), req.batch_size, req.nll_chunk, device, priors,
+                                                normalisers),
+                          "split": req.split, "note": likelihood_note(prior_name, sir)}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
     return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name, "label": prior_label(prior_name, sir),
             "description": describe_prior(prior_name, prior), "sir": sir, "dataset": setup.vae_cfg.train.dataset,
@@ -271,6 +327,8 @@ def format_report(report: dict[str, Any]) -> str:
     if "fid" in m:
         f = m["fid"]
         rows.append((f"FID ({f['num_samples']} samples vs {f['reference_images']} train)", f"{f['fid']:.2f}"))
+        rows.append(("KID +- stderr", f"{f['kid']:.4g} +- {f['kid_stderr']:.2g}"))
+        rows.append((f"precision / recall (k={f['k']}, {f['num_real']} real)", f"{f['precision']:.3f} / {f['recall']:.3f}"))
     if "mmd" in m:
         t = m["mmd"]["top"]
         rows.append((f"prior-hole MMD^2 z_1 (bandwidth {t['bandwidth']:.3g}, n={t['num_samples']})",
@@ -285,9 +343,11 @@ def format_report(report: dict[str, Any]) -> str:
         t = m["timing"]
         rows.append((f"seconds per image (batch {t['batch_size']})", f"{t['seconds_per_image']:.4g}"))
     if "nll" in m:
-        n = m["nll"]
-        rows.append((f"NLL, K={n['num_samples']} ({n['num_images']} test images)",
-                     f"{n['nats']:.2f} nats = {n['bits_per_dim']:.4f} bits/dim"))
+        for name, n in m["nll"]["priors"].items():
+            z = "".join(f"; log Z group {r['group']} {r['log_z']:.3f} (bias ~{r['log_z_bias']:.1g}, M={r['proposals']})"
+                        for r in n["log_z"])
+            rows.append((f"NLL {name}, K={n['num_samples']} ({n['num_images']} {m['nll']['split']} images)",
+                         f"{n['nats']:.2f} nats = {n['bits_per_dim']:.4f} bits/dim; -ELBO {n['elbo_nats']:.2f}{z}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 

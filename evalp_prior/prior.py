@@ -1,14 +1,15 @@
 """EVaLP as a prior hook for NVAE's top-down sampling (SPEC section 2, generation)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from evalp_prior.energy import conditioned_energy
-from evalp_prior.sampler import SharedFlowSampler, standard_normal_log_prob
-from evalp_prior.sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS, sir_log_weight, sir_select
+from evalp_prior.sampler import SharedFlowSampler, gaussian_log_prob, standard_normal_log_prob
+from evalp_prior.sir import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS, log_mean_weight, sir_log_weight,
+                             sir_select)
 
 
 # On the CPU, SIR evaluates at most this many latent positions (rows x H x W) at once: about 16k kept the
@@ -68,7 +69,15 @@ class EVaLPPrior:
     def _sir(
         self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        """SIR over ``sir_proposals`` sampler draws per item, evaluated at most ``sir_chunk`` per item at a time.
+        """SIR over ``sir_proposals`` sampler draws per item, evaluated at most ``sir_chunk`` per item at a time."""
+        propose, log_weight, chunk = self._weighted_proposals(group, h, mu_p, sigma_p, temperature, self.sir_weights)
+        (z, *_), self.last_ess[group] = sir_select(propose, log_weight, self.sir_proposals, chunk, mu_p.shape[0])
+        return z
+
+    def _weighted_proposals(
+        self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor, temperature: float, weights: str
+    ) -> tuple[Callable[[int], tuple[torch.Tensor, ...]], Callable[..., torch.Tensor], int]:
+        """(propose, log_weight, chunk) of sampler draws per item for sir_select / log_mean_weight.
 
         Everything that depends on h alone (the flow's and the energy's context layers) is computed once
         per item and broadcast over the item's proposals; a chunk holds k proposals per item in rows
@@ -87,7 +96,7 @@ class EVaLPPrior:
             eps = torch.randn((k * batch, *shape), dtype=mu_p.dtype, device=mu_p.device)
             u, logdet = self.sampler.flow_conditioned(eps, cond)  # (k * batch, C, H, W), (k * batch,)
             z = mu_p + scale * u.view(k, batch, *shape)
-            if self.sir_weights != "exact":
+            if weights != "exact":
                 return (z,)
             # log p0(z) = log N(u) - sum log scale and log q(z) = log N(eps) - logdet - sum log scale; the
             # per-item sum log scale cancels in the weight, so both are formed without it.
@@ -98,10 +107,52 @@ class EVaLPPrior:
         inputs = getattr(self.energies, "inputs", None)
 
         def log_weight(z: torch.Tensor, *densities: torch.Tensor) -> torch.Tensor:
-            """(k, batch) SIR log-weights of the proposals."""
+            """(k, batch) log-weights of the proposals."""
             x = z if inputs is None else inputs(z, mu_p, sigma_p)  # the critic's coordinates (whitened or not)
             energy = energy_of(x.flatten(0, 1)).view(z.shape[0], batch)
-            return sir_log_weight(self.sir_weights, energy, *densities)
+            return sir_log_weight(weights, energy, *densities)
 
-        (z, *_), self.last_ess[group] = sir_select(propose, log_weight, self.sir_proposals, chunk, batch)
-        return z
+        return propose, log_weight, chunk
+
+    @torch.no_grad()
+    def log_density_ratio(self, group: int, z: torch.Tensor, h: torch.Tensor, mu_p: torch.Tensor,
+                          sigma_p: torch.Tensor) -> Optional[torch.Tensor]:
+        """log p~(z) / p0(z) = -E(z, h) (B,) of the energy prior p_psi ∝ p0 exp(-E), unnormalised; None for
+        a group left to NVAE. This is the density SIR targets, whatever the sampler draws."""
+        if group not in self.groups:
+            return None
+        inputs = getattr(self.energies, "inputs", None)
+        x = z if inputs is None else inputs(z, mu_p, sigma_p)
+        return -conditioned_energy(self.energies, group, h)(x)
+
+    @torch.no_grad()
+    def log_normaliser(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
+                       num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """log Z(h) = log E_{z ~ q_alpha}[p0(z) exp(-E(z)) / q_alpha(z)] per item (B,) by importance sampling
+        with ``num`` sampler draws (the exact SIR weights), and the weights' relative variance (B,): the log of
+        the unbiased estimate is biased low by about rel_var / (2 num)."""
+        propose, log_weight, chunk = self._weighted_proposals(group, h, mu_p, sigma_p, 1.0, "exact")
+        return log_mean_weight(propose, log_weight, num, chunk, mu_p.shape[0])
+
+
+class SamplerDensity:
+    """The EVaLP sampler q_alpha itself read as a prior: a normalised flow density (log Z = 0 exactly), so the
+    NVAE's likelihood with it needs no estimate. It is what plain EVaLP sampling (no SIR) draws from."""
+
+    def __init__(self, sampler: SharedFlowSampler, groups: Sequence[int]) -> None:
+        self.sampler = sampler
+        self.groups = sorted(int(g) for g in groups)
+
+    @torch.no_grad()
+    def log_density_ratio(self, group: int, z: torch.Tensor, h: torch.Tensor, mu_p: torch.Tensor,
+                          sigma_p: torch.Tensor) -> Optional[torch.Tensor]:
+        """log q_alpha(z | h) - log p0(z | h) (B,); None for a group left to NVAE."""
+        if group not in self.groups:
+            return None
+        return self.sampler.log_prob(z, mu_p, sigma_p, h, group) - gaussian_log_prob(z, mu_p, sigma_p)
+
+    def log_normaliser(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
+                       num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exactly (0, 0): the flow is normalised."""
+        zero = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+        return zero, zero

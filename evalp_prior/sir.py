@@ -6,6 +6,7 @@ draw, and the running maximum needs only O(batch * chunk) memory. Proposals are 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -83,3 +84,34 @@ def sir_select(
     assert best is not None
     ess = (2 * lse_w - lse_w2).exp()
     return (best if isinstance(proposal, tuple) else best[0]), ess
+
+
+def log_mean_weight(
+    propose: Callable[[int], Proposal],
+    log_weight: Callable[..., torch.Tensor],
+    num_proposals: int,
+    chunk: int,
+    batch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log (1/M) sum_j w_j over M = ``num_proposals`` proposals per item, and the weights' relative variance.
+
+    Same ``propose``/``log_weight`` contract as sir_select. With w = p~(z) / r(z), z ~ r, the mean is an
+    unbiased estimate of the normaliser Z of p~; its log is biased low, by about rel_var / (2 M) (delta
+    method), rel_var = mean(w^2) / mean(w)^2 - 1 = M / ESS - 1, returned (batch,) beside log Z (batch,).
+    """
+    if num_proposals < 1 or chunk < 1:
+        raise ValueError(f"need num_proposals >= 1 and chunk >= 1, got {num_proposals} and {chunk}")
+    lse_w = lse_w2 = None
+    drawn = 0
+    while drawn < num_proposals:
+        k = min(chunk, num_proposals - drawn)
+        proposal = propose(k)
+        log_w = log_weight(*(proposal if isinstance(proposal, tuple) else (proposal,))).double()
+        if log_w.shape != (k, batch):
+            raise ValueError(f"log_weight returned shape {tuple(log_w.shape)}, expected {(k, batch)}")
+        w, w2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
+        lse_w, lse_w2 = (w, w2) if lse_w is None else (torch.logaddexp(lse_w, w), torch.logaddexp(lse_w2, w2))
+        drawn += k
+    log_m = math.log(num_proposals)
+    rel_var = (lse_w2 - log_m - 2 * (lse_w - log_m)).exp() - 1
+    return lse_w - log_m, rel_var

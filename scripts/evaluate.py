@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evalp_prior.generation import add_prior_args, parse_sir_groups  # noqa: E402
+from evalp_prior.metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES  # noqa: E402
 from nvae.entry import run_entry  # noqa: E402
 
 FULL_FID = 50000  # `--fid` without a number: the standard sample count (a GPU job)
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_prior_args(parser)
     metrics = parser.add_argument_group("metrics (at least one)")
     metrics.add_argument("--fid", type=int, nargs="?", const=FULL_FID, default=None, metavar="N",
-                         help=f"FID of N generated images (no N: {FULL_FID})")
+                         help=f"FID, KID (+- stderr) and precision/recall of N generated images (no N: {FULL_FID})")
     metrics.add_argument("--fid-batch", type=int, default=64, help="images per generation / feature batch")
     metrics.add_argument("--fid-ref-images", type=int, default=10000, help="training images in the reference statistics")
     metrics.add_argument("--fid-stats-dir", type=Path, default=Path("runs/fid_stats"),
@@ -39,8 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     metrics.add_argument("--mmd", action="store_true", help="top-group prior-hole MMD against encoded test images")
     metrics.add_argument("--mmd-samples", type=int, default=1000, help="posterior and prior samples for the MMD")
     metrics.add_argument("--nll", type=int, nargs="?", const=FULL_NLL, default=None, metavar="K",
-                         help=f"importance-weighted NLL of the NVAE with K samples (no K: {FULL_NLL})")
+                         help=f"importance-weighted NLL and ELBO with K posterior samples per image, under the Gaussian "
+                              f"prior and the evaluated prior's density where it has one (no K: {FULL_NLL})")
     metrics.add_argument("--nll-images", type=int, default=1000, help="test images for the NLL")
+    metrics.add_argument("--log-z-samples", type=int, default=DEFAULT_LOG_Z_SAMPLES,
+                         help="proposals for an energy prior's normaliser Z shared by all images (the top group)")
+    metrics.add_argument("--log-z-item-samples", type=int, default=DEFAULT_LOG_Z_ITEM_SAMPLES,
+                         help="proposals per posterior sample for Z(h) of a context-conditioned group")
     metrics.add_argument("--nll-chunk", type=int, default=16, help="importance samples per posterior pass")
     metrics.add_argument("--timing", action="store_true", help="seconds per generated image")
     metrics.add_argument("--timing-batch", type=int, default=64, help="images per timed sampling call")
@@ -65,7 +71,8 @@ def build_request(args: argparse.Namespace):
     req = EvalRequest(prior=args.prior, fid_samples=args.fid or 0, fid_batch=args.fid_batch,
                       fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir, mmd=args.mmd,
                       mmd_samples=args.mmd_samples, nll_samples=args.nll or 0, nll_images=args.nll_images,
-                      nll_chunk=args.nll_chunk, timing=args.timing, timing_batch=args.timing_batch,
+                      nll_chunk=args.nll_chunk, log_z_samples=args.log_z_samples,
+                      log_z_item_samples=args.log_z_item_samples, timing=args.timing, timing_batch=args.timing_batch,
                       timing_repeats=args.timing_repeats, sir=args.sir, sir_weights=args.sir_weights,
                       sir_groups=parse_sir_groups(args.sir_groups), sir_chunk=args.sir_chunk,
                       langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,

@@ -39,9 +39,11 @@ def _check_common(report: dict) -> None:
     top = m["mmd"]["top"]
     assert top["num_samples"] == 32 and top["group"] == 0 and top["bandwidth"] > 0
     assert len(m["mmd"]["groups"]) == 3 and all(math.isfinite(g["mmd2_multi"]) for g in m["mmd"]["groups"])
-    assert m["nll"]["num_samples"] == 2 and m["nll"]["num_images"] == 4 and m["nll"]["dims"] == 32 * 32
-    assert m["nll"]["bits_per_dim"] == pytest.approx(m["nll"]["nats"] / (32 * 32 * math.log(2)))
-    assert 0 < m["nll"]["bits_per_dim"] < 9  # at most about 8 bits for an untrained 8-bit likelihood
+    nll = m["nll"]["priors"]["gaussian"]
+    assert nll["num_samples"] == 2 and nll["num_images"] == 4 and nll["dims"] == 32 * 32
+    assert nll["bits_per_dim"] == pytest.approx(nll["nats"] / (32 * 32 * math.log(2)))
+    assert 0 < nll["bits_per_dim"] < 9  # at most about 8 bits for an untrained 8-bit likelihood
+    assert nll["elbo_nats"] >= nll["nats"] - 1e-6  # -ELBO >= -L_K
     assert m["timing"]["seconds_per_image"] > 0 and m["timing"]["batch_size"] == 4
 
 
@@ -49,7 +51,7 @@ def test_every_checkpoint_kind_evaluates_against_the_same_posterior(checkpoints)
     # FID once: the Inception features of the reference and generated images dominate this test.
     stage1 = _evaluate(checkpoints, "nvae", "stage1.json")
     stage2 = _evaluate(checkpoints, "evalp", "stage2.json", *FID, "--sir", "5")
-    assert (checkpoints["cache"] / "fid_stats_synthetic-train.npz").is_file()
+    assert (checkpoints["cache"] / "fid_features_synthetic-train.npz").is_file()
     langevin = _evaluate(checkpoints, "langevin", "langevin.json", "--langevin-steps", "1")
     ncp = _evaluate(checkpoints, "ncp", "ncp.json")
     reports = {"gaussian": stage1, "evalp+sir5": stage2, "langevin": langevin, "ncp+sir4": ncp}
@@ -63,10 +65,18 @@ def test_every_checkpoint_kind_evaluates_against_the_same_posterior(checkpoints)
     fid = stage2["metrics"]["fid"]
     assert fid["num_samples"] == 8 and fid["reference_images"] == 8 and math.isfinite(fid["fid"]) and fid["fid"] > 0
     assert fid["image_size"] == [32, 32] and "fid" not in stage1["metrics"]
+    assert fid["kid_stderr"] > 0 and 0 <= fid["precision"] <= 1 and 0 <= fid["recall"] <= 1 and fid["num_real"] == 8
+    # Each prior's own density beside the Gaussian one: EVaLP's energy prior (log Z estimated once for the
+    # top group) and its sampler; Langevin's and NCP's tilted priors; none for the stage-1 Gaussian.
+    assert set(stage2["metrics"]["nll"]["priors"]) == {"gaussian", "evalp", "evalp_sampler"}
+    assert stage2["metrics"]["nll"]["priors"]["evalp"]["log_z"][0]["shared_context"]
+    assert set(langevin["metrics"]["nll"]["priors"]) == {"gaussian", "langevin"}
+    assert set(ncp["metrics"]["nll"]["priors"]) == {"gaussian", "ncp"} and set(stage1["metrics"]["nll"]["priors"]) == {"gaussian"}
+    assert "SIR(5) resampling has no tractable density" in stage2["metrics"]["nll"]["note"]
     # One frozen NVAE: every report holds the same NLL and the same Gaussian-prior MMD (the same posterior
     # samples, kernel and seeds), which is the stage-1 report's own MMD.
     for report in (stage2, langevin, ncp):
-        assert report["metrics"]["nll"]["nats"] == stage1["metrics"]["nll"]["nats"]
+        assert report["metrics"]["nll"]["priors"]["gaussian"] == stage1["metrics"]["nll"]["priors"]["gaussian"]
         assert report["metrics"]["mmd"]["top"]["bandwidth"] == stage1["metrics"]["mmd"]["top"]["bandwidth"]
         gaussian = report["metrics"]["mmd"]["top"]["gaussian"]
         assert set(gaussian) == {"mmd2", "mmd2_multi", "mmd2_multi_stderr", "null_std_multi", "p_value"}

@@ -24,8 +24,11 @@ from evalp_prior.metrics.fid import (
     INSTALL_HINT,
     FeatureStats,
     InceptionFeatures,
+    fid_from_features,
     fid_from_images,
+    image_features,
     frechet_distance,
+    reference_features,
     reference_stats,
 )
 
@@ -381,3 +384,22 @@ def test_fid_from_images_matches_direct_computation() -> None:
     other_feats = net(torch.cat([x for x, _ in other])).double().numpy()
     direct = frechet_distance(*_stats(other_feats), mu, sigma)
     assert fid_from_images((x for x, _ in other), mu, sigma, net, progress=False) == pytest.approx(direct, rel=1e-9)
+
+
+def test_reference_features_cache_reused_only_when_metadata_matches(tmp_path: Path) -> None:
+    """The features cache (KID, precision/recall need every vector): reused when name, count and network
+    match, recomputed otherwise; the FID from features equals the one from streamed statistics."""
+    net, data = _CountingNet(), _batches(20)
+    features = reference_features(data, "toy", "train", 10, tmp_path, net, progress=False)
+    assert features.shape == (10, 3) and net.images_seen == 10
+    again = reference_features(data, "toy", "train", 10, tmp_path, net, progress=False)
+    assert net.images_seen == 10 and torch.equal(again, features)  # from the cache
+    assert reference_features(data, "toy", "train", 14, tmp_path, net, progress=False).shape == (14, 3)
+    assert net.images_seen == 24
+    assert (tmp_path / "fid_features_toy-train.npz").is_file()
+    mu, sigma = reference_stats(data, "toy", "train", 14, tmp_path / "stats", _CountingNet(), progress=False)
+    other = _batches(12, seed=4)
+    direct = fid_from_images(other, mu, sigma, _CountingNet(), progress=False)
+    generated = image_features(other, _CountingNet(), progress=False)
+    assert fid_from_features(generated, reference_features(data, "toy", "train", 14, tmp_path, net,
+                                                           progress=False)) == pytest.approx(direct, rel=1e-6)

@@ -110,7 +110,7 @@ def test_dataset_nll_reports_bits_per_cropped_dim(vae):
     _decoder_ignores_z(model)
     images = (torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
     data = ArrayDataset(images, DatasetInfo("synthetic", 1, 32, False, "dmol", 2))
-    report = dataset_nll(model, data, num_samples=2, num_images=5, binarize=False, batch_size=2)
+    report = dataset_nll(model, data, num_samples=2, num_images=5, binarize=False, batch_size=2)["gaussian"]
     x = torch.stack([data[i] for i in range(5)])
     with torch.no_grad():
         exact = float(model.reconstruction_nll(model.posterior(x).logits, x).mean())

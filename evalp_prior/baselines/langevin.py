@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-
+from ..density import TiltedGaussianDensity
 from ..objectives import GroupBatch
 from .common import Baseline, BaselineConfig, BaselineTask, TrainedBaseline
 
@@ -72,7 +72,7 @@ def langevin_sample(energy_fn: Callable[[torch.Tensor], torch.Tensor], mu: torch
     return mu + scale * eps.detach()
 
 
-class LangevinPrior:
+class LangevinPrior(TiltedGaussianDensity):
     """Implements nvae.hooks.PriorHook: each of ``groups`` is drawn by ``steps`` Langevin steps on
     log p0_t(z) - E(z, h), started from p0_t = N(mu_p, (t sigma_p)^2); other groups are left to NVAE."""
 

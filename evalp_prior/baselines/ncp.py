@@ -19,9 +19,9 @@ from torch import nn
 
 from nvae.distributions import draw_normal
 
-from ..energy import conditioned_energy
+from ..density import TiltedGaussianDensity
 from ..objectives import GroupBatch
-from ..sir import DEFAULT_SIR_CHUNK, sir_log_weight, sir_select
+from ..sir import DEFAULT_SIR_CHUNK, sir_select
 from .common import Baseline, BaselineConfig, BaselineTask, TrainedBaseline
 
 KIND = "ncp"
@@ -47,7 +47,7 @@ def ncp_loss(logit_pos: torch.Tensor, logit_neg: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logit_pos).mean() + F.softplus(logit_neg).mean()
 
 
-class NCPPrior:
+class NCPPrior(TiltedGaussianDensity):
     """Implements nvae.hooks.PriorHook: SIR over ``sir_proposals`` p0 draws per item with weights
     r = exp(-E(z, h)) at each of ``sir_groups`` (default: every NCP group); other groups are left to NVAE.
 
@@ -73,20 +73,9 @@ class NCPPrior:
         """z_l (like mu_p) resampled by the classifier, or None to let NVAE draw the group."""
         if group not in self.sir_groups or self.sir_proposals == 1:
             return None
-        batch = mu_p.shape[0]
-        scale = temperature * sigma_p
-        energy_of = conditioned_energy(self.energies, group, h)
-
-        def propose(k: int) -> torch.Tensor:
-            """k draws of p0_t per item, (k, batch, C, H, W); proposal j of item i shares item i's context."""
-            return mu_p + scale * torch.randn((k, *mu_p.shape), dtype=mu_p.dtype, device=mu_p.device)
-
-        def log_weight(z: torch.Tensor) -> torch.Tensor:
-            """(k, batch) log r = -E of the proposals."""
-            return sir_log_weight("energy", energy_of(z.flatten(0, 1)).view(z.shape[0], batch))
-
+        propose, log_weight = self._p0_proposals(group, h, mu_p, temperature * sigma_p)
         with torch.no_grad():
-            z, _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, batch)
+            z, _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, mu_p.shape[0])
         return z.to(mu_p.dtype)
 
 

@@ -11,14 +11,12 @@ statistics of the whole set (to float64 rounding), which averaging per-rank mean
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -30,6 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from nvae.runtime import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,17 @@ def _comm_device(ctx: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def save_npz_atomic(path: PathLike, **arrays: Any) -> None:
+    """np.savez to path so that the file appears complete or not at all (nvae.runtime.atomic_write):
+    a pre-empted job or a concurrent reader never sees half a cache."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
 class FeatureStats:
     """Running float64 sums of features: count, sum x (D,), sum x x^T (D, D)."""
 
@@ -232,19 +243,7 @@ class FeatureStats:
         """
         mu, sigma = self.mean_cov()
         meta = {"format": _STATS_FORMAT, **metadata, "count": self.count}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, mu=mu, sigma=sigma, count=np.int64(self.count), meta=np.array(json.dumps(meta)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        save_npz_atomic(path, mu=mu, sigma=sigma, count=np.int64(self.count), meta=np.array(json.dumps(meta)))
 
     @classmethod
     def load(cls, path: PathLike) -> tuple["FeatureStats", dict[str, Any]]:
@@ -340,10 +339,11 @@ def _extract(feature_net: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return feature_net(images)
 
 
-def _cache_path(cache_dir: PathLike, name: str, split: str) -> Path:
-    """One cache file per (data set, split); its metadata says which count and network produced it."""
+def _cache_path(cache_dir: PathLike, name: str, split: str, kind: str = "stats") -> Path:
+    """One cache file per (data set, split, kind: stats or features); its metadata says which count and
+    network produced it."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{split}")
-    return Path(cache_dir) / f"fid_stats_{safe}.npz"
+    return Path(cache_dir) / f"fid_{kind}_{safe}.npz"
 
 
 def _load_matching_cache(path: Path, expected: dict[str, Any]) -> Optional[FeatureStats]:
@@ -461,3 +461,80 @@ def fid_from_images(
     stats.all_reduce(ctx)
     mu, sigma = stats.mean_cov()
     return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+
+def image_features(images_iter: Iterable[Any], feature_net: nn.Module, *, progress: bool = True,
+                   desc: str = "features") -> torch.Tensor:
+    """Features (N, D) float32 on the CPU of all images from `images_iter` ((B, C, H, W) batches in [0, 1]).
+
+    Kept whole (N x 2048 floats: 80 MB for 10k images) because KID and precision/recall need every
+    feature vector, not only the mean and covariance FID needs.
+    """
+    chunks: list[torch.Tensor] = []
+    bar = tqdm(desc=desc, unit="img", disable=not progress)
+    for batch in _image_batches(images_iter):
+        chunks.append(_extract(feature_net, batch).float().cpu())
+        bar.update(batch.shape[0])
+    bar.close()
+    if not chunks:
+        raise ValueError("no images to compute features of")
+    return torch.cat(chunks)
+
+
+def fid_from_features(features: torch.Tensor, ref_features: torch.Tensor) -> float:
+    """FID between two feature sets (N, D) and (M, D), from float64 statistics of each."""
+    dim = features.shape[1]
+    mu1, sigma1 = FeatureStats(dim).update(features).mean_cov()
+    mu2, sigma2 = FeatureStats(dim).update(ref_features).mean_cov()
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def reference_features(
+    data: Iterable[Any],
+    name: str,
+    split: str,
+    count: int,
+    cache_dir: Optional[PathLike],
+    feature_net: nn.Module,
+    *,
+    image_size: Optional[Sequence[int]] = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Features (count, D) of the first `count` images of `data`, from cache_dir when the cache matches.
+
+    The cache ``cache_dir/fid_features_<name>-<split>.npz`` (float32 features + JSON metadata, written
+    atomically) is reused only if name, split, count, feature network and image_size all match. One
+    process: the evaluation that needs every feature (KID, precision/recall) runs on one device.
+    """
+    if count < 2:
+        raise ValueError(f"reference features need at least 2 images, got count={count}")
+    expected: dict[str, Any] = {"format": _STATS_FORMAT, "name": name, "split": split, "count": int(count),
+                                "feature_net": getattr(feature_net, "fingerprint", type(feature_net).__name__)}
+    if image_size is not None:
+        expected["image_size"] = [int(s) for s in image_size]
+    path = _cache_path(cache_dir, name, split, "features") if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as cached:
+                meta = json.loads(str(cached["meta"]))
+                if all(meta.get(k) == v for k, v in expected.items()):
+                    return torch.from_numpy(cached["features"].astype(np.float32))
+            logger.warning("feature cache %s was made for other settings (%s): recomputing", path, meta)
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning("feature cache %s unreadable (%s): recomputing", path, err)
+
+    def first_count() -> Iterator[torch.Tensor]:
+        seen = 0
+        for batch in _image_batches(data):
+            batch = batch[: count - seen]
+            seen += batch.shape[0]
+            yield batch
+            if seen >= count:
+                return
+
+    features = image_features(first_count(), feature_net, progress=progress, desc=f"reference {name}/{split}")
+    if features.shape[0] < count:
+        raise ValueError(f"{name}/{split} yielded only {features.shape[0]} images; the reference needs {count}")
+    if path is not None:
+        save_npz_atomic(path, features=features.numpy(), meta=np.array(json.dumps(expected)))
+    return features

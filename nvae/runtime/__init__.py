@@ -23,12 +23,13 @@ from nvae.runtime.distributed import (
     shutdown_and_exit,
 )
 from nvae.runtime.precision import PRECISION_MODES, Precision
-from nvae.runtime.run_logging import RunLogger, progress, save_text_atomic
+from nvae.runtime.run_logging import RunLogger, atomic_write, progress, save_text_atomic
 from nvae.runtime.sampler import ResumableDistributedSampler
 from nvae.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal
 
 __all__ = [
     "save_text_atomic",
+    "atomic_write",
     "FORMAT_VERSION",
     "PRECISION_MODES",
     "PREEMPTED_EXIT_CODE",

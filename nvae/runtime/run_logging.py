@@ -16,8 +16,10 @@ from tqdm import tqdm
 PathLike = Union[str, os.PathLike]
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: PathLike, write: Any) -> None:
     """Call write(tmp_path) and rename the result onto `path`, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
@@ -29,7 +31,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def save_text_atomic(path: PathLike, text: str) -> None:
     """Write a small UTF-8 text file (a report, a summary) so that readers never see a partial one."""
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _json_value(value: Any) -> Optional[float]:
@@ -100,14 +102,14 @@ class RunLogger:
         if png_path is not None:
             target = self.run_dir / png_path  # an absolute png_path replaces run_dir
             target.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, lambda tmp: torchvision.utils.save_image(grid, tmp, format="png"))
+            atomic_write(target, lambda tmp: torchvision.utils.save_image(grid, tmp, format="png"))
 
     def save_options(self, options: Mapping[str, Any]) -> None:
         """Write run_dir/options.json atomically (non-JSON values such as paths are stored as strings)."""
         if not self.enabled:
             return
         text = json.dumps(dict(options), indent=2, sort_keys=True, default=str) + "\n"
-        _atomic_write(self.run_dir / "options.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(self.run_dir / "options.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def close(self) -> None:
         """Flush and close every file this logger opened."""
