@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
-from nvae.cli import parse_overrides  # noqa: E402
+from nvae.runtime.flags import parse_overrides  # noqa: E402
 from evalp_prior.evaluation import EvalRequest, evaluate_checkpoint  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.runtime import RunLogger, init_distributed, load_checkpoint, save_text_atomic, seed_everything  # noqa: E402

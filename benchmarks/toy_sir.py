@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from evalp_prior.config import EVaLPConfig  # noqa: E402
 from evalp_prior.toy import toy_mmd, train_toy  # noqa: E402
-from nvae.cli import parse_overrides  # noqa: E402
+from nvae.runtime.flags import parse_overrides  # noqa: E402
 
 COLUMNS = ("base", "sampler", "sir_exact", "sir_energy", "sir_oracle")
 

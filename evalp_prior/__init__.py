@@ -1,6 +1,7 @@
 """EVaLP: an energy-based variational latent prior for NVAE (arXiv 2510.00260)."""
 from evalp_prior.energy import EnergySet, GroupEnergy
-from evalp_prior.groups import parse_groups
+from evalp_prior.generation import PRIOR_KINDS  # importing it registers the prior checkpoint kinds
+from evalp_prior.group_selection import parse_groups
 from evalp_prior.objectives import (
     GroupBatch,
     ObjectiveConfig,
@@ -14,6 +15,7 @@ from evalp_prior.sampler import SharedFlowSampler, gaussian_log_prob
 from evalp_prior.sir import sir_log_weight, sir_select
 
 __all__ = [
+    "PRIOR_KINDS",
     "EVaLPPrior",
     "EnergySet",
     "GroupBatch",

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from nvae.config import require_settings
+from nvae.config import RunCadence, require_settings
 
 from .objectives import GRADIENT_PENALTIES, ObjectiveConfig
 
@@ -14,67 +14,61 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
-class FrozenPriorConfig:
+class FrozenPriorConfig(RunCadence):
     """Settings every prior on a frozen NVAE shares (EVaLP and the baselines): the energy networks on the
-    chosen groups, the run's length, precision and cadence (LoopSettings' names), and generation."""
+    chosen groups, the run's length and precision, generation, and the run's cadence (RunCadence)."""
 
     groups: str = "all"  # all | top | comma-separated group indices
     data_root: str | None = None  # where the frozen NVAE's data set lives now; None: as stage 1 recorded
     # 32 (with sampler_hidden 32) keeps generation within the cost targets on every preset but `tiny`
     # (bench_sampling's FLOP column: EVaLP on all groups 1.04-1.08x the Gaussian prior, SIR(1000) at the
     # top group 1.3-2.7x); 64 put SIR(1000) at 3.7x (cifar10) and 5.3x (mnist). docs/benchmarks.md.
-    energy_hidden: int = 32
-    share_energy_within_scale: bool = False
+    energy_hidden: int = 32  # channels of each energy network
+    share_energy_within_scale: bool = False  # one energy network for all groups of a scale instead of one per group
     energy_spectral_norm: bool = False  # for EVaLP on top of the gradient penalty
     # Learning-rate schedule of every optimiser: constant, or cosine from the set rate to 0 over the run
     # (GANs drift once their game is balanced; a decaying step keeps what was reached).
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"  # constant | cosine (to 0 over the run), for every optimiser
     batch_size: int = 64  # per process
-    epochs: int = 1
+    epochs: int = 1  # passes over the training split (when max_steps is 0)
     max_steps: int = 0  # >0 caps the run
-    precision: str = "fp32"
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 50
-    eval_every: int = 0  # steps; 0 = every epoch end
-    eval_batches: int = 10
-    ckpt_every: int = 500
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 20
-    sample_temperature: float = 1.0
-    bn_readjust_batches: int = 20
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision with loss scaling)
+    seed: int = 0  # random seed (rank r uses seed + r for its noise)
+    eval_batches: int = 10  # validation batches per evaluation (diagnostics and MMD)
+    sample_temperature: float = 1.0  # temperature of the sample grids written during training
+    bn_readjust_batches: int = 20  # batches of prior samples that re-estimate BN statistics before sampling
 
 
 @dataclass
 class EVaLPConfig(FrozenPriorConfig):
     """Energies, shared sampler and the MCMC-free min-max objective (SPEC sections 1-2)."""
 
-    sampler_hidden: int = 32
-    num_couplings: int = 4
-    embed_dim: int = 16
+    sampler_hidden: int = 32  # channels of each coupling's conditioner in the shared sampler
+    num_couplings: int = 4  # affine couplings of the shared sampler
+    embed_dim: int = 16  # size of the group-index embedding the sampler is conditioned on
     # Bound on each coupling's log-scale: 1 kept adversarial training stable on the toy, 3 let it overshoot.
-    max_log_scale: float = 1.0
+    max_log_scale: float = 1.0  # bound on each coupling's log-scale
     sampler_mixing: bool = False  # invertible 1x1 channel mixing between the sampler's couplings (Glow)
     n_critic: int = 5  # energy steps per sampler step
-    lambda_gp: float = 10.0
+    lambda_gp: float = 10.0  # gradient-penalty weight lambda in the energy loss
     gradient_penalty: str = "two-sided"  # two-sided (WGAN-GP) | one-sided | r1 (zero-centred, on positives)
     # Critic input (z - mu_p) / sigma_p instead of z: Lipschitz in the prior's own units.
-    whiten_critic: bool = False
+    whiten_critic: bool = False  # critic input (z - mu_p) / sigma_p instead of z
     critic_warmup_steps: int = 300  # energy-only steps before the first sampler step
     critic_only: bool = False  # freeze the sampler: the critic measures how far it is from the posterior
     # Decay of an exponential moving average of the sampler's weights used for generation; 0 = off.
-    sampler_ema: float = 0.99
+    sampler_ema: float = 0.99  # decay of the moving average of the sampler weights used for generation; 0 = none
     kl_weight: float = 0.0  # w_kl; theory says 1, the authors' runs use 0..1e-3
     # Defaults chosen on the validation split of the `small` preset with a prior hole (docs/results.md, "the
     # sweep"), for the latent WGAN (w_kl = 0): a critic at 1e-3 with beta1 = 0 (WGAN-GP's) learns within a few
     # hundred steps, where 1e-4 needed thousands; a sampler faster than 1e-4 overshoots and drifts once the
     # critic's gap closes (KL to p0 of 2 to 12 nats, MMD^2 above the Gaussian prior's).
-    lr_energy: float = 1e-3
-    lr_sampler: float = 1e-4
-    adam_beta1: float = 0.0
-    adam_beta2: float = 0.9
+    lr_energy: float = 1e-3  # Adam learning rate of the energies (critic)
+    lr_sampler: float = 1e-4  # Adam learning rate of the shared sampler
+    adam_beta1: float = 0.0  # Adam's beta1 of both optimisers
+    adam_beta2: float = 0.9  # Adam's beta2 of both optimisers
     # Diagnostics at every evaluation: SIR proposals per item for the effective sample size (0 = skip).
-    eval_sir_proposals: int = 100
+    eval_sir_proposals: int = 100  # SIR proposals per item for the ESS diagnostic at each evaluation; 0 = skip
 
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first impossible setting (cadence is checked by the loop)."""

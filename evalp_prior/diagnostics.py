@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .metrics.mmd import MEDIAN_MULTIPLIERS, mmd2_with_stderr, posterior_bandwidth
+from .metrics.mmd import prior_hole_mmds
 from .objectives import GroupBatch, gradient_penalty, input_gradient_norms
 from .prior import EVaLPPrior
 from .sampler import gaussian_log_prob
@@ -56,13 +56,10 @@ def summarise(pooled: dict[str, torch.Tensor], group: int) -> dict[str, float]:
                f"kl_sampler_p0/{tag}": float(pooled["kl"].mean())}
     if "sir_ess" in pooled:
         metrics[f"sir_ess_fraction/{tag}"] = float(pooled["sir_ess"].mean())
-    # One kernel for both priors, set by the posterior samples alone, so the two numbers compare.
-    scale = float(posterior_bandwidth(pooled["z_pos"]))
-    bandwidths = [scale * c for c in MEDIAN_MULTIPLIERS]
-    for name, key in (("evalp", "z_neg"), ("gaussian", "z_gauss")):
-        mmd = mmd2_with_stderr(pooled["z_pos"], pooled[key], bandwidths)
-        metrics[f"mmd_{name}/{tag}"] = mmd["mmd2"]
-        metrics[f"mmd_{name}_stderr/{tag}"] = mmd["stderr"]
+    mmd = prior_hole_mmds(pooled["z_pos"], {"evalp": pooled["z_neg"], "gaussian": pooled["z_gauss"]})
+    for name in ("evalp", "gaussian"):
+        metrics[f"mmd_{name}/{tag}"] = mmd[name]["mmd2_multi"]
+        metrics[f"mmd_{name}_stderr/{tag}"] = mmd[name]["mmd2_multi_stderr"]
     return metrics
 
 

@@ -1,21 +1,24 @@
-"""Evaluation of a prior on a frozen NVAE: FID, top-group prior-hole MMD, sampling time, and the
-importance-weighted NLL of the backbone (SPEC sections 4-5).
+"""Evaluation of a prior on a frozen NVAE: FID, KID, precision/recall, per-group prior-hole MMD, sampling time,
+and the NVAE's importance-weighted NLL and ELBO under its Gaussian prior and under the evaluated prior's density.
 
-- FID: generated images vs reference statistics of the first N training images, both cropped to the
-  region the likelihood models (MNIST's 28x28 centre: the 2-pixel padding is never trained, so a decoder
-  may draw anything there). Reference statistics are cached as ``<stats dir>/fid_stats_<data set>-train.npz``
-  (default stats dir ``runs/fid_stats`` under the working directory, shared by every run on that data).
-- Prior-hole MMD: unbiased MMD^2 between posterior samples of encoded test images and the prior's draws,
-  per group, the draws given the context of the same posterior path. For the top group z_1 the context
-  h_1 is NVAE's constant start tensor, so this is the aggregate posterior q(z_1) against the prior's
-  marginal (the headline number); lower groups are compared conditionally on the posterior's h_l. The
-  Gaussian kernel's bandwidth is the median heuristic of the posterior samples alone (also summed over
-  0.5x, 1x, 2x it), so every prior is measured with the same kernel, and posterior samples come from a
-  fixed seed, so two evaluations of the same NVAE use the same samples.
+- Image metrics: generated images vs Inception features of the first N training images (cached once as
+  ``<stats dir>/fid_features_<data set>-train.npz``, default ``runs/fid_stats``), both cropped to the region
+  the likelihood models (MNIST's 28x28 centre: the 2-pixel padding is never trained). FID from the two sets'
+  Gaussians; KID, the unbiased cubic-kernel MMD^2 with a fold standard error (metrics/mmd.py); precision and
+  recall by k-NN manifolds (metrics/precision_recall.py) on as many reference images as samples.
+- Prior-hole MMD: unbiased MMD^2 between posterior samples of encoded held-out images and the prior's draws,
+  per group, the draws given the context of the same posterior path (posterior_and_prior_draws). For the
+  top group z_1 the context h_1 is NVAE's constant start tensor, so this is the aggregate posterior q(z_1)
+  against the prior's marginal (the headline number); lower groups are compared conditionally on the
+  posterior's h_l. The Gaussian kernel's bandwidth is the median heuristic of the posterior samples alone
+  (also summed over 0.5x, 1x, 2x it), so every prior is measured with the same kernel, and posterior samples
+  come from a fixed seed, so two evaluations of the same NVAE use the same samples.
 - Timing: seconds per image of ``NVAE.sample`` (prior draws + decoding) at one batch size, on a BN
   re-adjusted copy, after a warm-up call; median of repeats.
-- NLL: the IWAE bound of the NVAE with its own Gaussian prior (metrics/nll.py); an energy-based prior's
-  normaliser is intractable, so it is reported for the backbone whatever prior is evaluated.
+- NLL and ELBO (metrics/nll.py): the IWAE bound with NVAE's own Gaussian prior, and with every density the
+  evaluated prior has (likelihood_priors: EVaLP's energy prior with log Z estimated by importance sampling
+  with its sampler, the sampler itself (exact), the Langevin and NCP tilted priors with p0 proposals), all
+  on the same posterior samples. SIR's resampled distribution has no tractable density (the report says so).
 """
 from __future__ import annotations
 
@@ -32,20 +35,19 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from nvae.bn import readjust_bn
 from nvae.config import NVAERunConfig
-from nvae.data import HELD_OUT_PARTS, dataset_info, get_dataset, held_out_part
+from nvae.data import HELD_OUT_PARTS, binarize_if_needed, dataset_info, get_dataset, held_out_part
 from nvae.distributions import draw_normal
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
-from nvae.train import binarize_if_needed
 
 from .generation import (SamplingSetup, build_prior, default_prior,
                          describe_prior, load_for_sampling, sir_proposals)
 from .metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, image_features, reference_features
-from .metrics.mmd import kernel_inception_distance, posterior_bandwidth, prior_hole_mmd
-from .metrics.precision_recall import precision_recall
+from .metrics.mmd import kernel_inception_distance, prior_hole_mmds
 from .metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES, Normalisers, dataset_nll
-from .prior import EVaLPPrior, SamplerDensity
+from .metrics.precision_recall import precision_recall
 from .metrics.timing import seconds_per_image
+from .prior import EVaLPPrior, SamplerDensity
 from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS
 
 DEFAULT_FID_STATS_DIR = Path("runs/fid_stats")
@@ -74,7 +76,7 @@ class EvalRequest:
     timing_repeats: int = 5
     sir: Optional[int] = None
     sir_weights: str = DEFAULT_SIR_WEIGHTS
-    sir_groups: Optional[Union[list[int], str]] = None  # None, 'all' or group indices (generation.parse_sir_groups)
+    sir_groups: Optional[Union[list[int], str]] = None  # None, 'all' or group indices (group_selection.parse_sir_groups)
     sir_chunk: int = DEFAULT_SIR_CHUNK
     langevin_steps: Optional[int] = None
     langevin_step_size: Optional[float] = None
@@ -201,9 +203,8 @@ def prior_hole_mmd_per_group(vae: NVAE, prior: Optional[PriorHook], dataset: Dat
                                       device, seed)
     per_group = []
     for post, z_prior, z_gauss in zip(draws["posterior"], draws["prior"], draws["gauss"]):
-        bandwidth = float(posterior_bandwidth(post))
-        per_group.append({**prior_hole_mmd(post, z_prior, bandwidth, MMD_PERMUTATIONS), "bandwidth": bandwidth,
-                          "gaussian": prior_hole_mmd(post, z_gauss, bandwidth, MMD_PERMUTATIONS)})
+        mmd = prior_hole_mmds(post, {"prior": z_prior, "gaussian": z_gauss}, MMD_PERMUTATIONS)
+        per_group.append({**mmd["prior"], "bandwidth": mmd["bandwidth"], "gaussian": mmd["gaussian"]})
     return {"top": {**per_group[0], "group": 0, "num_samples": int(draws["posterior"][0].shape[0])},
             "groups": per_group,
             "mean_mmd2_multi": sum(r["mmd2_multi"] for r in per_group) / len(per_group),

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,17 +16,15 @@ from nvae.config import NVAERunConfig
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
 from nvae.runtime import CheckpointError, load_checkpoint
-from nvae.train import load_trained_nvae, sample_images
+from nvae.runtime.checkpoint import register_checkpoint_kind
+from nvae.sampling import sample_images
+from nvae.trained import load_trained_nvae
 
 from .baselines.langevin import LangevinPrior, TrainedLangevin, load_langevin
 from .baselines.ncp import NCPPrior, TrainedNCP, load_ncp
 from .prior import EVaLPPrior
 from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS
 from .train import TrainedEVaLP, load_evalp
-
-PRIORS = ("gaussian", "evalp", "langevin", "ncp")
-CHECKPOINT_KINDS = ("nvae", "evalp", "langevin", "ncp")  # the prior each kind carries is its default
-
 
 @dataclass
 class SamplingSetup:
@@ -41,21 +38,48 @@ class SamplingSetup:
     kind: str = ""  # the checkpoint's kind, one of CHECKPOINT_KINDS
 
 
+@dataclass(frozen=True)
+class PriorKind:
+    """A trained prior's checkpoint kind (also its --prior name): what it is, and how its checkpoint loads."""
+
+    name: str
+    description: str  # in error messages: "a '<name>' (<description>) checkpoint"
+    load: Callable[[Path, torch.device], SamplingSetup]
+
+
+def _evalp_setup(path: Path, device: torch.device) -> SamplingSetup:
+    trained = load_evalp(path, device)
+    return SamplingSetup(trained.vae, trained, vae_cfg=trained.vae_cfg, kind="evalp")
+
+
+def _langevin_setup(path: Path, device: torch.device) -> SamplingSetup:
+    trained = load_langevin(path, device)
+    return SamplingSetup(trained.base.vae, None, langevin=trained, vae_cfg=trained.base.vae_cfg, kind="langevin")
+
+
+def _ncp_setup(path: Path, device: torch.device) -> SamplingSetup:
+    trained = load_ncp(path, device)
+    return SamplingSetup(trained.base.vae, None, ncp=trained, vae_cfg=trained.base.vae_cfg, kind="ncp")
+
+
+# The one registry of prior kinds: a new prior adds its entry here (and its hook in build_prior).
+PRIOR_KINDS = {k.name: k for k in (PriorKind("evalp", "stage-2", _evalp_setup),
+                                   PriorKind("langevin", "Langevin baseline", _langevin_setup),
+                                   PriorKind("ncp", "NCP baseline", _ncp_setup))}
+for _kind in PRIOR_KINDS.values():
+    register_checkpoint_kind(_kind.name, _kind.description)
+PRIORS = ("gaussian", *PRIOR_KINDS)
+CHECKPOINT_KINDS = ("nvae", *PRIOR_KINDS)  # the prior each kind carries is its default
+
+
 def load_for_sampling(path: Path, device: torch.device) -> SamplingSetup:
-    """Accept a stage-1 ('nvae'), stage-2 ('evalp') or baseline ('langevin', 'ncp') checkpoint."""
+    """Accept a stage-1 ('nvae') checkpoint or one of any kind in PRIOR_KINDS."""
     kind = load_checkpoint(path, map_location="cpu")["kind"]
-    if kind == "evalp":
-        trained = load_evalp(path, device)
-        return SamplingSetup(trained.vae, trained, vae_cfg=trained.vae_cfg, kind=kind)
     if kind == "nvae":
         vae, vae_cfg, _ = load_trained_nvae(path, device)
         return SamplingSetup(vae, None, vae_cfg=vae_cfg, kind=kind)
-    if kind == "langevin":
-        langevin = load_langevin(path, device)
-        return SamplingSetup(langevin.base.vae, None, langevin=langevin, vae_cfg=langevin.base.vae_cfg, kind=kind)
-    if kind == "ncp":
-        ncp = load_ncp(path, device)
-        return SamplingSetup(ncp.base.vae, None, ncp=ncp, vae_cfg=ncp.base.vae_cfg, kind=kind)
+    if kind in PRIOR_KINDS:
+        return PRIOR_KINDS[kind].load(path, device)
     raise CheckpointError(f"{path} is a {kind!r} checkpoint; expected one of {', '.join(CHECKPOINT_KINDS)}")
 
 
@@ -70,15 +94,6 @@ def available_priors(setup: SamplingSetup) -> list[str]:
     """The priors a checkpoint can sample with: NVAE's own, and the one it carries."""
     carried = {"evalp": setup.evalp, "langevin": setup.langevin, "ncp": setup.ncp}
     return ["gaussian"] + [name for name, trained in carried.items() if trained is not None]
-
-
-def parse_sir_groups(text: Optional[str]) -> Optional[Union[list[int], str]]:
-    """--sir-groups as build_prior takes it: None, 'all', or a list of group indices."""
-    if text is None or text == "all":
-        return text
-    if not re.fullmatch(r"[0-9]+(,[0-9]+)*", text):
-        raise ValueError(f"--sir-groups must be 'all' or comma-separated group indices, got {text!r}")
-    return [int(g) for g in text.split(",")]
 
 
 def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -9,23 +9,24 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from nvae.config import NVAERunConfig
-from nvae.data import dataset_info, get_dataset, held_out_part
+from nvae.data import binarize_if_needed, dataset_info, get_dataset, held_out_part
 from nvae.model import NVAE
 from nvae.runtime import (CheckpointError, DistContext, Precision, RunLogger, StopSignal, all_gather_object,
                           load_checkpoint, save_text_atomic)
+from nvae.runtime.distributed import ddp_if_distributed, split_for_rank
 from nvae.runtime.loop import isolated_rng, loop_settings, planned_steps, run_training, steps_per_epoch
-from nvae.train import binarize_if_needed, sample_images, split_for_rank
+from nvae.sampling import sample_images
+from nvae.trained import load_trained_nvae
 
 from .config import EVaLPConfig, EVaLPRunConfig, FrozenPriorConfig
 from .diagnostics import group_diagnostics, headline, summarise
 from .energy import EnergySet
-from .groups import parse_groups
+from .group_selection import parse_groups
 from .objectives import GroupBatch, alternating_step
 from .prior import EVaLPPrior
 from .sampler import SharedFlowSampler
@@ -76,13 +77,6 @@ def posterior_group_batches(vae: NVAE, x: torch.Tensor, groups: list[int], preci
         out = vae.posterior(x)
     return [GroupBatch(g, out.groups[g].z.float(), out.groups[g].h.float(), out.groups[g].mu_p.float(),
                        out.groups[g].sigma_p.float()) for g in groups]
-
-
-def ddp_if_distributed(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """The module wrapped in DistributedDataParallel under a multi-process run, else the module itself."""
-    if not ctx.is_distributed:
-        return module
-    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def embedded_vae_state(vae: NVAE, vae_cfg: NVAERunConfig) -> dict[str, Any]:
@@ -275,8 +269,6 @@ def train_evalp(run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx:
 
 def load_vae_for_stage2(path: Path, device: torch.device) -> tuple[NVAE, NVAERunConfig, str]:
     """The frozen NVAE from a stage-1 checkpoint, with its fingerprint."""
-    from nvae.train import load_trained_nvae
-
     vae, vae_cfg, _ = load_trained_nvae(path, device)
     return vae, vae_cfg, vae_fingerprint(vae)
 

@@ -13,26 +13,26 @@ OUTPUT_DISTRIBUTIONS = ("bernoulli", "dmol", "gaussian")
 class ModelConfig:
     """Architecture of the hierarchical VAE (Vahdat & Kautz 2020, Sec. 3 and App. A)."""
 
-    in_channels: int = 1
-    image_size: int = 32
+    in_channels: int = 1  # image channels (set from the data set unless given)
+    image_size: int = 32  # image height = width in pixels, after padding (set from the data set unless given)
     output_dist: str = "bernoulli"  # bernoulli | dmol | gaussian
     num_mixtures: int = 10  # DMoL components
     loss_crop: int = 2  # pixels cut from each side before the reconstruction loss (28x28 MNIST in 32x32)
     num_channels: int = 32  # stem channels; doubled by every stride-2 cell
-    num_preprocess_blocks: int = 2
-    num_preprocess_cells: int = 3
-    num_postprocess_blocks: int = 2
-    num_postprocess_cells: int = 3
-    num_latent_scales: int = 2
+    num_preprocess_blocks: int = 2  # encoder pre-processing blocks, each halving the resolution
+    num_preprocess_cells: int = 3  # residual cells per pre-processing block
+    num_postprocess_blocks: int = 2  # decoder post-processing blocks, each doubling the resolution
+    num_postprocess_cells: int = 3  # residual cells per post-processing block
+    num_latent_scales: int = 2  # latent scales (resolutions) of the hierarchy
     num_groups_per_scale: int = 10  # at the highest-resolution latent scale
     adaptive_groups: bool = True  # halve the group count at each coarser scale
-    min_groups_per_scale: int = 1
-    num_latent_per_group: int = 20
-    num_cell_per_cond_enc: int = 2
-    num_cell_per_cond_dec: int = 2
+    min_groups_per_scale: int = 1  # fewest latent groups a scale gets when adaptive_groups halves them
+    num_latent_per_group: int = 20  # channels of each latent group z_l
+    num_cell_per_cond_enc: int = 2  # encoder cells between two latent groups
+    num_cell_per_cond_dec: int = 2  # decoder cells between two latent groups
     num_nf: int = 0  # shift-only autoregressive posterior flows per group
-    use_se: bool = True
-    bn_momentum: float = 0.05
+    use_se: bool = True  # squeeze-and-excitation in every residual cell
+    bn_momentum: float = 0.05  # BatchNorm running-statistics momentum (NVAE: 0.05)
 
     def validate(self) -> None:
         """Raise ValueError naming the first impossible field."""
@@ -66,41 +66,54 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Stage-1 optimisation, KL schedule and regularisers (NVAE defaults)."""
+class RunCadence:
+    """How often a run logs, evaluates and checkpoints, and how it loads data: the one definition of these
+    settings (stage 1's TrainConfig and every frozen-prior config inherit it). They never change what a run
+    computes, so a resumed run may change them (MAY_CHANGE_ON_RESUME)."""
 
-    dataset: str = "mnist"
-    data_root: str | None = None
+    num_workers: int = 0  # data-loading worker processes per rank (0: load in the training process)
+    log_every: int = 50  # steps between progress lines and metric records
+    eval_every: int = 0  # steps between evaluations; 0 = at the end of every epoch (and of the run)
+    ckpt_every: int = 500  # steps between checkpoints (the latest is also written at the end and on pre-emption)
+    keep_checkpoints: int = 3  # numbered snapshots kept besides the latest checkpoint; 0 keeps none
+    max_bad_steps: int = 20  # consecutive skipped non-finite steps after which the run stops (exit 3)
+
+
+# What a resumed run may set differently (check_resume): its cadence, how much it evaluates, where the data lives.
+MAY_CHANGE_ON_RESUME = frozenset({f.name for f in dataclasses.fields(RunCadence)}
+                                 | {"eval_batches", "bn_readjust_batches", "data_root"})
+
+
+@dataclass
+class TrainConfig(RunCadence):
+    """Stage-1 optimisation, KL schedule and regularisers (NVAE defaults), and the run's cadence (RunCadence)."""
+
+    dataset: str = "mnist"  # data set name (scripts/prepare_data.py --list shows them)
+    data_root: str | None = None  # directory of the data set's files; None: the bundled or default location
     batch_size: int = 32  # per process
-    epochs: int = 1
+    epochs: int = 1  # passes over the training split (when max_steps is 0)
     max_steps: int = 0  # >0 caps the run (overrides epochs for the schedule length)
-    lr: float = 1e-2
-    lr_min: float = 1e-4
-    weight_decay: float = 3e-4
-    adamax_eps: float = 1e-3
-    warmup_epochs: float = 5.0
-    kl_anneal_portion: float = 0.3
-    kl_const_portion: float = 1e-4
-    kl_min_coeff: float = 1e-4
+    lr: float = 1e-2  # Adamax learning rate after warm-up
+    lr_min: float = 1e-4  # learning rate at the end of the cosine decay
+    weight_decay: float = 3e-4  # L2 weight decay of the optimiser
+    adamax_eps: float = 1e-3  # Adamax's epsilon
+    warmup_epochs: float = 5.0  # epochs of linear learning-rate warm-up
+    kl_anneal_portion: float = 0.3  # fraction of the steps over which the KL coefficient warms up to kl_weight
+    kl_const_portion: float = 1e-4  # fraction of the steps at the minimum KL coefficient before the warm-up
+    kl_min_coeff: float = 1e-4  # the KL coefficient during the constant portion
     # beta: the KL coefficient's ceiling after warm-up. 1 trains NVAE's ELBO; below 1 (the authors' single-latent
     # VAEs use 0.312 on MNIST) the aggregate posterior drifts from the prior and leaves holes to close.
-    kl_weight: float = 1.0
-    kl_balance: bool = True
-    weight_decay_norm: float = 1e-2
-    num_power_iter: int = 4
+    kl_weight: float = 1.0  # beta, the KL coefficient after warm-up (0, 1]
+    kl_balance: bool = True  # NVAE's KL balancing across groups during the warm-up
+    weight_decay_norm: float = 1e-2  # coefficient of the spectral regulariser (sum of largest singular values)
+    num_power_iter: int = 4  # power iterations per step for the spectral regulariser
     grad_clip: float = 0.0  # 0 disables
-    precision: str = "fp32"
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 50
-    eval_every: int = 0  # steps; 0 = at the end of every epoch
-    eval_batches: int = 20
-    ckpt_every: int = 500
-    keep_checkpoints: int = 3
-    sample_temperature: float = 1.0
-    bn_readjust_batches: int = 20
-    max_bad_steps: int = 20
-    sync_bn: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision with loss scaling)
+    seed: int = 0  # random seed (rank r uses seed + r for its noise)
+    eval_batches: int = 20  # validation batches per evaluation
+    sample_temperature: float = 1.0  # temperature of the sample grids written during training
+    bn_readjust_batches: int = 20  # batches of prior samples that re-estimate BN statistics before sampling
+    sync_bn: bool = False  # synchronise BatchNorm statistics across DDP ranks
 
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first impossible setting (cadence is checked by the loop)."""

@@ -1,24 +1,23 @@
 """Stage 1: train NVAE with its Gaussian priors (the task run by the shared training loop)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from .bn import readjust_bn
 from .config import ModelConfig, NVAERunConfig
-from .data import DatasetInfo, dataset_info, get_dataset
-from .hooks import PriorHook
+from .data import DatasetInfo, binarize_if_needed, dataset_info, get_dataset
 from .losses import SpectralRegularizer, balanced_kl, batchnorm_regularizer, kl_balance_alphas, kl_coefficient
 from .model import NVAE
+from .sampling import sample_images
 from .optim import build_optimizer, warmup_cosine
-from .runtime import (CheckpointError, DistContext, Precision, RunLogger, StopSignal, all_reduce_sum,
+from .runtime import (DistContext, Precision, RunLogger, StopSignal, all_reduce_sum,
                       load_checkpoint)
+from .runtime.checkpoint import check_resume
+from .runtime.distributed import ddp_if_distributed, split_for_rank
 from .runtime.loop import isolated_rng, loop_settings, planned_steps, run_training, steps_per_epoch
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # a latent dimension is active if Var_x E[z|x] exceeds this (Burda et al.)
@@ -30,32 +29,6 @@ def model_config_for_dataset(model: ModelConfig, info: DatasetInfo, user_model: 
                   output_dist=info.default_output)
     fitted.update({k: v for k, v in user_model.items() if k in fitted})
     return dataclasses.replace(model, **fitted)
-
-
-def split_for_rank(dataset: Dataset, ctx: DistContext, limit: Optional[int] = None) -> Subset:
-    """This rank's strided share of the first `limit` items (evaluation is summed across ranks)."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return Subset(dataset, range(ctx.rank, n, ctx.world_size))
-
-
-def binarize_if_needed(x: torch.Tensor, binarize: bool) -> torch.Tensor:
-    """Dynamic binarisation: a fresh Bernoulli draw of every pixel at every use."""
-    return torch.bernoulli(x) if binarize else x
-
-
-def sample_images(model: NVAE, num: int, temperature: float, prior: Optional[PriorHook] = None,
-                  bn_batches: int = 0, batch_size: int = 64, bn_prior: Optional[PriorHook] = None) -> torch.Tensor:
-    """(num, C, H, W) images in [0, 1]; with bn_batches > 0 on a BN-readjusted copy of the model.
-
-    BN statistics are re-estimated with bn_prior (default: prior); a cheaper stand-in such as the
-    EVaLP sampler without SIR keeps re-adjustment from costing M proposals per image.
-    """
-    if bn_batches > 0:
-        model = copy.deepcopy(model)
-        readjust_bn(model, bn_batches, batch_size, temperature, bn_prior if bn_prior is not None else prior)
-    model.eval()
-    chunks = [model.sample(min(batch_size, num - i), temperature, prior) for i in range(0, num, batch_size)]
-    return torch.cat(chunks)
 
 
 class NVAETask:
@@ -71,8 +44,7 @@ class NVAETask:
         if run_cfg.train.sync_bn and ctx.is_distributed and ctx.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.net = (DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-                    if ctx.is_distributed else model)
+        self.net = ddp_if_distributed(model, ctx)
         tc = run_cfg.train
         self.spectral = SpectralRegularizer(model, tc.num_power_iter).to(ctx.device)
         self.alphas = kl_balance_alphas(model.group_specs).to(ctx.device)
@@ -199,42 +171,12 @@ def train_nvae(run_cfg: NVAERunConfig, ctx: DistContext, run_dir: Path, logger: 
     return status
 
 
-def load_trained_nvae(path: Path, device: torch.device) -> tuple[NVAE, NVAERunConfig, dict[str, Any]]:
-    """A stage-1 model from its checkpoint (architecture from the stored config), in eval mode."""
-    payload = load_checkpoint(path, expected_kind="nvae", map_location=device)
-    run_cfg = NVAERunConfig.from_json(payload["config"])
-    model = NVAE(run_cfg.model).to(device)
-    try:
-        model.load_state_dict(payload["task"]["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: stored weights do not fit the stored configuration ({exc})") from exc
-    model.eval()
-    return model, run_cfg, payload
-
-
 def resume_config(path: Path, requested: NVAERunConfig, explicit: Mapping[str, Mapping[str, Any]]) -> NVAERunConfig:
-    """The run config stored in a checkpoint; an explicit command-line value that contradicts it is an error.
-
-    Only settings that change what the run computes are compared; cadence (logging, checkpoints) may change.
-    """
-    payload = load_checkpoint(path, expected_kind="nvae")
-    saved = NVAERunConfig.from_json(payload["config"])
-    may_change = {"log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_workers", "max_bad_steps",
-                  "eval_batches", "bn_readjust_batches", "data_root"}
-    problems = []
-    for section, values in explicit.items():
-        stored = getattr(saved, section)
-        for key, value in values.items():
-            if key in may_change:
-                continue
-            if getattr(stored, key) != value:
-                problems.append(f"{section}.{key}: checkpoint has {getattr(stored, key)!r}, command line asks {value!r}")
-    if problems:
-        raise CheckpointError(f"{path} was trained with a different configuration:\n  " + "\n  ".join(problems)
-                              + "\nDrop these flags to resume, or start a new run directory.")
-    cadence = {k: v for k, v in explicit.get("train", {}).items() if k in may_change}
-    return dataclasses.replace(saved, train=dataclasses.replace(saved.train, **cadence))
+    """The run config stored in a checkpoint, with the cadence the command line changes (check_resume); an
+    explicit value that contradicts it is an error."""
+    saved = NVAERunConfig.from_json(load_checkpoint(path, expected_kind="nvae")["config"])
+    sections = check_resume(path, {"model": saved.model, "train": saved.train}, explicit)
+    return NVAERunConfig(model=sections["model"], train=sections["train"])
 
 
-__all__ = ["NVAETask", "load_trained_nvae", "model_config_for_dataset", "resume_config", "sample_images",
-           "train_nvae"]
+__all__ = ["NVAETask", "model_config_for_dataset", "resume_config", "train_nvae"]

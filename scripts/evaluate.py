@@ -15,9 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evalp_prior.generation import add_prior_args, parse_sir_groups  # noqa: E402
+from evalp_prior.generation import add_prior_args  # noqa: E402
+from evalp_prior.group_selection import parse_sir_groups  # noqa: E402
 from evalp_prior.metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES  # noqa: E402
-from nvae.entry import run_entry  # noqa: E402
+from nvae.runtime.process import run_entry  # noqa: E402
 
 FULL_FID = 50000  # `--fid` without a number: the standard sample count (a GPU job)
 FULL_NLL = 1000  # `--nll` without a number: NVAE's importance-sample count

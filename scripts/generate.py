@@ -14,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evalp_prior.generation import add_prior_args, parse_sir_groups  # noqa: E402
-from nvae.entry import run_entry  # noqa: E402
+from evalp_prior.generation import add_prior_args  # noqa: E402
+from evalp_prior.group_selection import parse_sir_groups  # noqa: E402
+from nvae.runtime.process import run_entry  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -8,8 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nvae.stage1_cli import add_stage1_args, run_stage1  # noqa: E402
-from nvae.entry import run_entry  # noqa: E402
+from nvae.stage1_command import add_stage1_args, run_stage1  # noqa: E402
+from nvae.runtime.process import run_entry  # noqa: E402
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ from evalp_prior.train import train_evalp, vae_fingerprint
 from nvae.config import NVAERunConfig, preset
 from nvae.runtime import RunLogger, StopSignal
 from nvae.runtime.distributed import DistContext
-from nvae.train import load_trained_nvae, train_nvae
+from nvae.train import train_nvae
+from nvae.trained import load_trained_nvae
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)

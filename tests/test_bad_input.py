@@ -2,9 +2,7 @@
 leaves no checkpoint, sample grid or half-written file behind. docs/errors.md lists the same cases.
 
 The entry points run in-process (a subprocess costs seconds of start-up per case): scripts' main() with
-run_entry's final os._exit replaced by an exception carrying the status. Cases marked `unvalidated` are
-inputs nothing checks yet; they are strict xfails, so adding the check turns them into failures here
-until the mark is removed (and the row moves to the main table of docs/errors.md).
+run_entry's final os._exit replaced by an exception carrying the status.
 """
 from __future__ import annotations
 
@@ -24,12 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
-import nvae.entry
+import nvae.runtime.process
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig
 from evalp_prior.train import train_evalp, vae_fingerprint
 from nvae.data.lmdb_store import LEN_KEY, encode_image, record_key, write_lmdb
 from nvae.runtime import RunLogger
-from nvae.train import load_trained_nvae, train_nvae
+from nvae.train import train_nvae
+from nvae.trained import load_trained_nvae
 from tests.helpers import CPU, ROOT, run_script, tiny_run_config, train_prior_checkpoint
 
 # Two inputs below build zero-size layers on purpose; torch warns before the run fails.
@@ -61,7 +60,6 @@ class Case:
     argv: list[str]
     status: int
     message: str  # must appear in stderr; also the message cell of the case's row in docs/errors.md
-    unvalidated: Optional[str] = None  # what happens today, for inputs nothing checks yet
 
 
 CASES = [
@@ -77,8 +75,9 @@ CASES = [
     Case("s1-resume-missing", "train_nvae", S1 + ["--resume", "{tmp}/none.pt"], 2, "checkpoint not found"),
     Case("s1-save-holds-checkpoint", "train_nvae", S1 + ["--save", "{vae_dir}"], 2,
          "exists: pass --resume auto to continue that run, or choose a new run directory"),
+    # The backbone names no prior: a stage-2 kind is described only once the prior package is imported.
     Case("s1-resume-stage2", "train_nvae", S1 + ["--resume", "{evalp}"], 2,
-         "is a 'evalp' (stage-2) checkpoint but a 'nvae' (stage-1) checkpoint is required"),
+         "checkpoint but a 'nvae' (stage-1) checkpoint is required"),
     Case("s1-resume-corrupt", "train_nvae", S1 + ["--resume", "{corrupt}"], 2, "is not a checkpoint or corrupt"),
     Case("s1-resume-model-mismatch", "train_nvae", S1 + ["--resume", "{vae}", "--num-channels", "8"], 2,
          "model.num_channels: checkpoint has 4, command line asks 8"),
@@ -305,7 +304,7 @@ def _raise_exit(status: int) -> None:
 @pytest.fixture
 def run_main(monkeypatch, capsys):
     """Call a script's main() in this process; returns (exit status, stderr)."""
-    monkeypatch.setattr(nvae.entry, "shutdown_and_exit", _raise_exit)
+    monkeypatch.setattr(nvae.runtime.process, "shutdown_and_exit", _raise_exit)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NVAE_FAULT_KILL_AT_STEP", "NVAE_FAULT_NAN_AT_STEP"):
         monkeypatch.delenv(name, raising=False)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -344,9 +343,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 LOG_FILES = {"options.json", "train.log", "metrics.jsonl"}  # a run directory's logs may exist after a failed start
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=f"not validated: {c.unvalidated}")]
-                 if c.unvalidated else []) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_fails_clearly_and_writes_nothing(case, paths, run_main, tmp_path):
     out = tmp_path / "out"
     afile = tmp_path / "afile"
@@ -375,10 +372,7 @@ def test_errors_md_documents_every_case():
     assert sorted(rows) == sorted(c.id for c in CASES)
     for case in CASES:
         cells = rows[case.id]
-        if case.unvalidated:
-            assert cells[2] == case.unvalidated, case.id
-        else:
-            assert cells[2] == f"`{case.message}`" and cells[3] == str(case.status), case.id
+        assert cells[2] == f"`{case.message}`" and cells[3] == str(case.status), case.id
 
 
 def test_bad_flag_under_torchrun_every_rank_exits_2_and_the_launcher_1(tmp_path):

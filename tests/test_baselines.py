@@ -17,7 +17,7 @@ from nvae.distributions import draw_normal
 from nvae.hooks import GroupSpec, PriorHook
 from nvae.runtime import RunLogger, load_checkpoint
 from nvae.runtime.signals import PREEMPTED_EXIT_CODE
-from nvae.train import load_trained_nvae
+from nvae.trained import load_trained_nvae
 from tests.helpers import CPU, StopAt
 
 MU = torch.tensor([0.5, -1.0]).view(1, 2, 1, 1)

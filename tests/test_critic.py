@@ -144,13 +144,28 @@ def test_flag_help_comes_from_the_config_fields_own_comments():
     import argparse
 
     from evalp_prior.config import EVaLPConfig
-    from nvae.cli import add_dataclass_args, field_comments
+    from nvae.runtime.flags import add_dataclass_args, field_comments
 
     comments = field_comments(EVaLPConfig)
     assert comments["critic_warmup_steps"] == "energy-only steps before the first sampler step"
     assert comments["groups"] == "all | top | comma-separated group indices"  # inherited from FrozenPriorConfig
-    assert "lr_energy" not in comments  # a rationale above a field is not its help
+    assert comments["lr_energy"] == "Adam learning rate of the energies (critic)"  # not the rationale above it
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, EVaLPConfig, "EVaLP")
     assert "energy-only steps before the first sampler step (preset or default: 300)" in " ".join(
         parser.format_help().split())
+
+
+@pytest.mark.parametrize("path", ["nvae.config.TrainConfig", "nvae.config.ModelConfig", "evalp_prior.config.EVaLPConfig",
+                                  "evalp_prior.baselines.langevin.LangevinConfig", "evalp_prior.baselines.ncp.NCPConfig"])
+def test_every_config_field_has_a_help_text(path):
+    """Every flag's --help says what it does: each field carries a comment on its own line (field_comments)."""
+    import dataclasses
+    import importlib
+
+    from nvae.runtime.flags import field_comments
+
+    module, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    comments = field_comments(cls)
+    assert [f.name for f in dataclasses.fields(cls) if not comments.get(f.name)] == []

@@ -101,7 +101,8 @@ def test_bad_input_exits_2_with_a_message(checkpoints, kind, flags, message):
 
 
 def test_loaders_check_the_checkpoint_kind(checkpoints):
-    with pytest.raises(CheckpointError, match="'ncp' checkpoint but a 'langevin'"):
+    with pytest.raises(CheckpointError,
+                       match=r"'ncp' \(NCP baseline\) checkpoint but a 'langevin' \(Langevin baseline\)"):
         load_langevin(checkpoints["ncp"], torch.device("cpu"))
     trained = load_langevin(checkpoints["langevin"], torch.device("cpu"))
     assert trained.prior().steps == 2 and trained.prior(steps=7).steps == 7

@@ -1,7 +1,6 @@
 """The NVAE's likelihood under an energy prior: log Z against closed forms, the ELBO's exact reductions."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

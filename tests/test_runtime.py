@@ -82,9 +82,13 @@ def test_load_errors_name_the_problem(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="not a checkpoint or corrupt"):
         load_checkpoint(truncated, "nvae")
-    with pytest.raises(CheckpointError, match=r"good.pt is a 'nvae' \(stage-1\) checkpoint but a 'evalp' "
-                                             r"\(stage-2\) checkpoint is required; pass"):
-        load_checkpoint(good, "evalp")
+    with pytest.raises(CheckpointError, match=r"good.pt is a 'nvae' \(stage-1\) checkpoint but a 'toyprior' "
+                                             r"checkpoint is required; pass"):
+        load_checkpoint(good, "toyprior")  # a kind nobody registered: named without a description
+    checkpoint_module.register_checkpoint_kind("toyprior", "stage-2")  # as a prior package registers its kinds
+    with pytest.raises(CheckpointError, match=r"but a 'toyprior' \(stage-2\) checkpoint is required; pass the "
+                                             r"checkpoint.pt of a stage-2 run directory"):
+        load_checkpoint(good, "toyprior")
     loaded = load_checkpoint(good, "nvae")
     assert loaded["step"] == 3 and torch.equal(loaded["model"]["w"], torch.full((3,), 3.0))
 

@@ -1,19 +1,21 @@
 """Stage 2 on a frozen NVAE: isolation from the VAE, identity at initialisation, resume, DDP, entry points."""
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig
 from evalp_prior.train import EVaLPTask, build_prior_modules, load_evalp, train_evalp, vae_fingerprint
-from nvae.data import get_dataset
+from nvae.data import get_dataset, held_out_part
 from nvae.runtime import RunLogger, load_checkpoint
 from nvae.runtime.signals import PREEMPTED_EXIT_CODE
-from nvae.train import load_trained_nvae, train_nvae
-from tests.helpers import CPU, StopAt, run_script, tiny_run_config
+from nvae.train import train_nvae
+from nvae.trained import load_trained_nvae
+from tests.helpers import CPU, StopAt, free_port, run_script, tiny_run_config
 
 
 def _stage2_config(vae, **kw) -> EVaLPRunConfig:
@@ -42,11 +44,19 @@ def test_stage2_changes_no_vae_parameter_or_buffer(tmp_path, vae_checkpoint):
     stored = load_checkpoint(tmp_path / "checkpoint.pt", "evalp")
     for name, a in before.state_dict().items():
         assert torch.equal(a, stored["task"]["vae"]["model"][name]), name
-    # ... while the prior itself did learn something.
+    # ... while the prior itself learned in the right direction: its critic gives posterior samples lower energy
+    # than the sampler's draws (the gap E(z_pos) - E(z_neg) it minimises), more so than at initialisation.
     trained = load_evalp(tmp_path / "checkpoint.pt", torch.device("cpu"))
+    torch.manual_seed(0)
     _, fresh_energies, fresh_sampler = build_prior_modules(trained.run_cfg.evalp, trained.vae)
     assert any(not torch.equal(a, b) for a, b in zip(fresh_sampler.state_dict().values(),
                                                      trained.sampler.state_dict().values()))
+    x = torch.stack([get_dataset("synthetic", "train")[i] for i in range(64)])
+    with torch.no_grad():
+        top = trained.vae.posterior(x).groups[0]
+        z_neg, _ = trained.sampler(top.mu_p, top.sigma_p, top.h, 0)
+        gaps = [float(e(0, top.z, top.h).mean() - e(0, z_neg, top.h).mean()) for e in (fresh_energies, trained.energies)]
+    assert gaps[1] < 0 and gaps[1] < gaps[0], gaps
 
 
 def test_zero_energy_identity_sampler_reproduces_nvae_bit_for_bit(vae_checkpoint):
@@ -130,3 +140,69 @@ def test_generate_rejects_impossible_flags(tmp_path, vae_checkpoint):
                          *flags)
         assert out.returncode == 2 and message in out.stderr, (flags, out.stderr[-1000:])
         assert not (tmp_path / "x.png").exists()
+
+
+# lr_energy 0: the energy step computes (and DDP averages) its gradients but leaves the energies unchanged, so
+# the sampler step that follows sees the same critic on every rank and in the single-process reference.
+_DDP_SETTINGS = dict(lr_energy=0.0, n_critic=1, gradient_penalty="two-sided", lambda_gp=10.0)
+
+
+def _one_step_gradients(task: EVaLPTask, batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Energy and sampler gradients of one train_step (step 0: an energy step, then a sampler step)."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    original = task._backward_and_step
+
+    def recording(loss, optimizer, params):
+        taken = original(loss, optimizer, params)
+        grads["energy" if optimizer is task.energy_opt else "sampler"] = [
+            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        return taken
+
+    task._backward_and_step = recording
+    assert task.train_step(batch, 0) is not None
+    return grads
+
+
+def _stage2_task(vae_path: str, ctx) -> tuple[EVaLPTask, torch.Tensor]:
+    vae, vae_cfg, _ = load_trained_nvae(vae_path, torch.device("cpu"))
+    torch.manual_seed(0)  # identical initial weights everywhere (DDP also broadcasts rank 0's)
+    task = EVaLPTask(_stage2_config(vae, **_DDP_SETTINGS), vae, vae_cfg, ctx,
+                     held_out_part(get_dataset("synthetic", "test"), "validation"), False, RunLogger(".", False), 6)
+    batch = torch.stack([get_dataset("synthetic", "train")[i] for i in range(16)])
+    return task, batch
+
+
+def _stage2_ddp_worker(rank: int, port: int, vae_path: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from nvae.runtime import init_distributed, shutdown_and_exit
+
+    ctx = init_distributed("cpu")
+    task, batch = _stage2_task(vae_path, ctx)
+    torch.manual_seed(100 + rank)  # the posterior, negative, interpolation and sampler noise of this half
+    grads = _one_step_gradients(task, batch[8 * rank : 8 * (rank + 1)])
+    if rank == 0:
+        torch.save(grads, os.path.join(out_dir, "ddp.pt"))
+    shutdown_and_exit(0)
+
+
+def test_ddp_stage2_gradients_equal_a_single_process_reference(tmp_path, vae_checkpoint):
+    """DDP averages each rank's energy gradient (the gradient penalty's double backward included) and sampler
+    gradient. A single process that runs the same step on each half with the same seeds and averages the two
+    gradients must agree (only the summation order differs)."""
+    mp.spawn(_stage2_ddp_worker, args=(free_port(), str(vae_checkpoint), str(tmp_path)), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    halves = []
+    for half in range(2):
+        task, batch = _stage2_task(str(vae_checkpoint), CPU)
+        torch.manual_seed(100 + half)
+        halves.append(_one_step_gradients(task, batch[8 * half : 8 * (half + 1)]))
+    for net in ("energy", "sampler"):
+        reference = [(a + b) / 2 for a, b in zip(halves[0][net], halves[1][net])]
+        assert len(reference) == len(ddp[net]) and any(g.abs().max() > 0 for g in reference), net
+        atol = 1e-6 * max(float(g.abs().max()) for g in reference)
+        for i, (want, got) in enumerate(zip(reference, ddp[net])):
+            assert torch.allclose(got, want, rtol=1e-4, atol=atol), (net, i, float((got - want).abs().max()))
+        # The halves really differ: an un-averaged gradient (one rank's own) would fail the comparison.
+        assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(halves[0][net], halves[1][net])), net

@@ -19,14 +19,16 @@ from nvae.config import NVAERunConfig
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
 from nvae.runtime import DistContext, Precision, RunLogger, StopSignal, all_gather_object, load_checkpoint
-from nvae.train import binarize_if_needed, sample_images, split_for_rank
+from nvae.data import binarize_if_needed
+from nvae.runtime.distributed import ddp_if_distributed, split_for_rank
+from nvae.sampling import sample_images
 
 from ..config import FrozenPriorConfig
 from ..energy import EnergySet
-from ..groups import parse_groups
-from ..metrics.mmd import posterior_bandwidth, prior_hole_mmd
+from ..group_selection import parse_groups
+from ..metrics.mmd import prior_hole_mmds
 from ..objectives import GroupBatch
-from ..train import (ddp_if_distributed, embedded_vae_state, load_embedded_vae, lr_schedule, posterior_group_batches,
+from ..train import (embedded_vae_state, load_embedded_vae, lr_schedule, posterior_group_batches,
                      train_frozen_prior)
 
 
@@ -34,9 +36,9 @@ from ..train import (ddp_if_distributed, embedded_vae_state, load_embedded_vae, 
 class BaselineConfig(FrozenPriorConfig):
     """The settings every prior on a frozen NVAE shares, and one optimiser's."""
 
-    lr: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    lr: float = 1e-4  # Adam learning rate of the energy or classifier networks
+    adam_beta1: float = 0.9  # Adam's beta1
+    adam_beta2: float = 0.999  # Adam's beta2
 
 
 @dataclass
@@ -146,9 +148,9 @@ class BaselineTask:
         metrics: dict[str, float] = {}
         for g in self.groups:
             joined = {name: torch.cat([t for part in gathered for t in part[name][g]]) for name in store}
-            bandwidth = float(posterior_bandwidth(joined["pos"]))
-            metrics[f"mmd_{self.kind}/group{g:02d}"] = prior_hole_mmd(joined["pos"], joined["prior"], bandwidth)["mmd2_multi"]
-            metrics[f"mmd_gaussian/group{g:02d}"] = prior_hole_mmd(joined["pos"], joined["base"], bandwidth)["mmd2_multi"]
+            mmd = prior_hole_mmds(joined["pos"], {self.kind: joined["prior"], "gaussian": joined["base"]})
+            for name in (self.kind, "gaussian"):
+                metrics[f"mmd_{name}/group{g:02d}"] = mmd[name]["mmd2_multi"]
             for name, value in joined.items():
                 if name not in ("pos", "prior", "base"):
                     metrics[f"{name}/group{g:02d}"] = float(value.float().mean())

@@ -31,7 +31,7 @@ KIND = "ncp"
 class NCPConfig(BaselineConfig):
     """The shared baseline settings plus the generation default for SIR."""
 
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam learning rate of the classifiers
     sir_proposals: int = 100  # M at generation unless overridden
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 form on Inception features."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -109,6 +109,15 @@ def prior_hole_mmd(z_post: torch.Tensor, z_prior: torch.Tensor, bandwidth: float
         null = mmd2_permutation_null(z_post, z_prior, multi, permutations)
         out.update(null_std_multi=null["null_std"], p_value=null["p_value"])
     return out
+
+
+def prior_hole_mmds(z_post: torch.Tensor, draws: Mapping[str, torch.Tensor], permutations: int = 0) -> dict[str, Any]:
+    """THE per-group prior-hole measurement of every prior (evaluation, training diagnostics, baselines): one
+    kernel, set by the posterior samples z_post alone (posterior_bandwidth), for each named prior's draws.
+    Returns {"bandwidth": s, name: prior_hole_mmd(z_post, draws[name], s, permutations), ...}."""
+    bandwidth = float(posterior_bandwidth(z_post))
+    return {"bandwidth": bandwidth,
+            **{name: prior_hole_mmd(z_post, z, bandwidth, permutations) for name, z in draws.items()}}
 
 
 def mmd2_with_stderr(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] | None = None, folds: int = 10,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nvae.hooks import GroupState
 from nvae.model import NVAE
-from nvae.train import binarize_if_needed
+from nvae.data import binarize_if_needed
 
 LN2 = math.log(2.0)
 DEFAULT_LOG_Z_SAMPLES = 10000  # proposals for a normaliser shared by all items (the top group)

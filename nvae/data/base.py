@@ -60,3 +60,8 @@ def held_out_part(test_split: Dataset, part: str) -> Subset:
         raise ValueError(f"the held-out part must be one of {HELD_OUT_PARTS}, got {part!r}")
     half = len(test_split) // 2
     return Subset(test_split, range(half) if part == "validation" else range(half, len(test_split)))
+
+
+def binarize_if_needed(x: torch.Tensor, binarize: bool) -> torch.Tensor:
+    """Dynamic binarisation: a fresh Bernoulli draw of every pixel at every use."""
+    return torch.bernoulli(x) if binarize else x

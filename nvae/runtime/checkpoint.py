@@ -1,22 +1,25 @@
 """Atomic checkpoints loaded with weights_only=True, RNG capture, rolling + numbered snapshots.
 
 Payload conventions (plain types and tensors only, so weights_only loading accepts them):
-``kind`` ('nvae' stage 1, 'evalp' stage 2), ``format_version``, ``config`` (JSON string of the full
+``kind`` ('nvae' for stage 1; a prior package registers its own kinds with register_checkpoint_kind), ``format_version``, ``config`` (JSON string of the full
 config), ``step``, state dicts (model, optimiser, scheduler, scaler, spectral-regulariser vectors),
 ``rng`` (from :func:`capture_rng_state`, one per rank if the caller gathers them), sampler position.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
+
+from nvae.config import MAY_CHANGE_ON_RESUME
 
 PathLike = Union[str, os.PathLike]
 
@@ -25,7 +28,13 @@ LATEST_NAME = "checkpoint.pt"
 _SNAPSHOT_RE = re.compile(r"^checkpoint_(\d{8,})\.pt$")
 # What save_checkpoint and CheckpointManager write before their rename: .NAME.PID[.UUID8].tmp
 _TEMPORARY_RE = re.compile(r"^\.checkpoint(_\d{8,})?\.pt\.\d+(\.[0-9a-f]{8})?\.tmp$")
-_KIND_STAGE = {"nvae": "stage-1", "evalp": "stage-2"}
+# Kind -> what it is, for error messages; the backbone knows its own, a prior package registers the rest.
+_KIND_DESCRIPTIONS = {"nvae": "stage-1"}
+
+
+def register_checkpoint_kind(kind: str, description: str) -> None:
+    """Name a checkpoint kind in error messages: (kind, 'stage-2') reads "a '<kind>' (stage-2) checkpoint"."""
+    _KIND_DESCRIPTIONS[kind] = description
 
 
 class CheckpointError(Exception):
@@ -49,7 +58,7 @@ def save_checkpoint(path: PathLike, payload: dict[str, Any]) -> Path:
     checkpoint is never replaced by one that cannot be resumed from.
     """
     if "kind" not in payload:
-        raise ValueError("checkpoint payload needs a 'kind' entry (e.g. 'nvae' or 'evalp')")
+        raise ValueError("checkpoint payload needs a 'kind' entry (e.g. 'nvae')")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not mkstemp: its 0600 mode would survive the rename and hide checkpoints from collaborators.
@@ -84,8 +93,8 @@ def _rejected_global(exc: Exception) -> Optional[str]:
 
 def _describe_kind(kind: Any) -> str:
     """'nvae' -> "'nvae' (stage-1)" for error messages."""
-    stage = _KIND_STAGE.get(kind)
-    return f"'{kind}' ({stage})" if stage else f"'{kind}'"
+    description = _KIND_DESCRIPTIONS.get(kind)
+    return f"'{kind}' ({description})" if description else f"'{kind}'"
 
 
 def load_checkpoint(
@@ -113,7 +122,7 @@ def load_checkpoint(
     if not isinstance(payload, dict) or "kind" not in payload:
         raise CheckpointError(f"{path} is not a checkpoint or corrupt (no 'kind' entry)")
     if expected_kind is not None and payload["kind"] != expected_kind:
-        stage = _KIND_STAGE.get(expected_kind, expected_kind)
+        stage = _KIND_DESCRIPTIONS.get(expected_kind, expected_kind)
         raise CheckpointError(
             f"{path} is a {_describe_kind(payload['kind'])} checkpoint but a {_describe_kind(expected_kind)} "
             f"checkpoint is required; pass the checkpoint.pt of a {stage} run directory instead"
@@ -290,3 +299,20 @@ def config_mismatch(saved: dict[str, Any], requested: dict[str, Any], keys: Iter
         elif _normalise(have) != _normalise(want):
             problems.append(f"{key}: checkpoint has {_fmt(have)}, command line asks {_fmt(want)}")
     return problems
+
+
+def check_resume(path: PathLike, saved: Mapping[str, Any], explicit: Mapping[str, Mapping[str, Any]],
+                 may_change: Iterable[str] = MAY_CHANGE_ON_RESUME) -> dict[str, Any]:
+    """The one resume check of every run: ``saved`` maps section names to the checkpoint's config dataclasses
+    (e.g. 'model', 'train'), ``explicit`` the same sections to the values the user typed. A typed value that
+    contradicts the checkpoint is a CheckpointError listing every such setting, unless the setting is in
+    ``may_change`` (cadence, evaluation size, data location); those are applied. Returns the sections."""
+    allowed = set(may_change)
+    problems = [f"{section}.{key}: checkpoint has {getattr(saved[section], key)!r}, command line asks {value!r}"
+                for section, values in explicit.items() for key, value in values.items()
+                if key not in allowed and getattr(saved[section], key) != value]
+    if problems:
+        raise CheckpointError(f"{path} was trained with a different configuration:\n  " + "\n  ".join(problems)
+                              + "\nDrop these flags to resume, or start a new run directory.")
+    return {section: dataclasses.replace(config, **{k: v for k, v in explicit.get(section, {}).items() if k in allowed})
+            for section, config in saved.items()}

@@ -13,6 +13,8 @@ from typing import Any, Iterator, NoReturn, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Subset
 
 
 @dataclass
@@ -156,3 +158,16 @@ def shutdown_and_exit(status: int) -> NoReturn:
             dist.destroy_process_group()
     finally:
         os._exit(status)
+
+
+def split_for_rank(dataset: Dataset, ctx: DistContext, limit: Optional[int] = None) -> Subset:
+    """This rank's strided share of the first `limit` items (evaluation is summed across ranks)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return Subset(dataset, range(ctx.rank, n, ctx.world_size))
+
+
+def ddp_if_distributed(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """The module wrapped in DistributedDataParallel under a multi-process run, else the module itself."""
+    if not ctx.is_distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)

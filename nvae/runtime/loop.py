@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from nvae.config import RunCadence
+
 from .checkpoint import (FORMAT_VERSION, CheckpointManager, capture_rng_state, load_checkpoint,
                          restore_rng_state)
 from .distributed import DistContext, all_gather_object, barrier
@@ -28,7 +30,7 @@ NON_FINITE_EXIT_CODE = 3  # the run stopped after too many non-finite steps in a
 class TrainTask(Protocol):
     """What the loop needs from a stage's maths."""
 
-    kind: str  # checkpoint kind, e.g. 'nvae' or 'evalp'
+    kind: str  # checkpoint kind, e.g. 'nvae'
 
     def train_step(self, batch: torch.Tensor, step: int) -> Optional[Mapping[str, torch.Tensor]]:
         """One optimisation step; detached metrics, or None when the step was skipped as non-finite."""
@@ -48,19 +50,13 @@ class TrainTask(Protocol):
         ...
 
 
-@dataclass
-class LoopSettings:
+@dataclass(kw_only=True)
+class LoopSettings(RunCadence):
     """Cadence and data settings of a run."""
 
     total_steps: int
     batch_size: int
-    num_workers: int = 0
     seed: int = 0
-    log_every: int = 50
-    eval_every: int = 0  # 0 = at every epoch end (and at the end of the run)
-    ckpt_every: int = 500
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 20
 
     def validate(self) -> None:
         """Raise ValueError naming the command-line flag of the first impossible setting."""

@@ -85,3 +85,12 @@ def parse_overrides(text: str, cls: type) -> dict[str, Any]:
         kind = next((t for t in typing.get_args(hints[key]) if t is not type(None)), hints[key])  # Optional[X] -> X
         out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
     return out
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every training entry point shares: where the run lives, resuming, the device."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--save", required=True, help="run directory (options, logs, checkpoints, samples)")
+    run.add_argument("--resume", nargs="?", const="auto", default=None,
+                     help="'auto' (or no value): continue from SAVE/checkpoint.pt if present; or a checkpoint path")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun ranks use their local GPU)")

@@ -1,4 +1,4 @@
-"""Command line of stage 1 (also reused by the one-job stage 1 + stage 2 entry point)."""
+"""The stage-1 command (`scripts/train_nvae.py`, and stage 1 of the one-job stage-2 script)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .cli import add_dataclass_args, overrides
+from .runtime.flags import add_dataclass_args, add_run_args, overrides
 from .config import PRESETS, ModelConfig, NVAERunConfig, TrainConfig, preset
 from .data import dataset_info
 from .runtime import RunLogger, StopSignal, resolve_resume, seed_everything
@@ -14,15 +14,6 @@ from .runtime.distributed import DistContext
 from .train import model_config_for_dataset, resume_config, train_nvae
 
 MODEL_PREFIX, TRAIN_PREFIX = "model_", "train_"
-
-
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    """Flags every training entry point shares: where the run lives, resuming, the device."""
-    run = parser.add_argument_group("run")
-    run.add_argument("--save", required=True, help="run directory (options, logs, checkpoints, samples)")
-    run.add_argument("--resume", nargs="?", const="auto", default=None,
-                     help="'auto' (or no value): continue from SAVE/checkpoint.pt if present; or a checkpoint path")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun ranks use their local GPU)")
 
 
 def add_stage1_args(parser: argparse.ArgumentParser, with_run_args: bool = True, flag_prefix: str = "") -> None:

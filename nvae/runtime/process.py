@@ -5,8 +5,7 @@ import sys
 import traceback
 from typing import Callable
 
-from .runtime import init_distributed, shutdown_and_exit
-from .runtime.distributed import DistContext
+from .distributed import DistContext, init_distributed, shutdown_and_exit
 
 
 class UsageError(Exception):
@@ -19,8 +18,9 @@ def run_entry(main: Callable[[DistContext], int], device: str = "auto") -> None:
     Expected failures (bad paths, bad data, bad checkpoints, bad flags) print one line naming the
     problem and exit 2; anything else prints its traceback and exits 1.
     """
-    from .data import DatasetError
-    from .runtime import CheckpointError
+    from nvae.data import DatasetError
+
+    from .checkpoint import CheckpointError
 
     try:
         ctx = init_distributed(device)
