@@ -35,6 +35,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, title: str = "", dpi: int = 110) -> None:
+    """Title (if any), tight layout, write the PNG (folders created), free the figure."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_prior_hole(posterior: np.ndarray, draws: Mapping[str, np.ndarray], path: Path, title: str = "") -> None:
     """One density panel per set: the posterior's top-group samples, then each prior's draws, all projected on
     the PCA of the posterior samples, on shared axes (a hole is where the posterior is empty and a prior is not)."""
@@ -50,12 +60,7 @@ def plot_prior_hole(posterior: np.ndarray, draws: Mapping[str, np.ndarray], path
         ax.set_title(f"{name} (n={len(xy)})", fontsize=9)
         ax.set_xlabel("PC 1")
     np.atleast_1d(axes)[0].set_ylabel("PC 2")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, title)
 
 
 def plot_sample_grids(grids: Mapping[str, np.ndarray], path: Path, columns: int = 8) -> None:
@@ -72,10 +77,7 @@ def plot_sample_grids(grids: Mapping[str, np.ndarray], path: Path, columns: int 
         ax.imshow(canvas.squeeze(-1) if c == 1 else canvas, cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=130)
 
 
 def plot_bars(labels: Sequence[str], metrics: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path,
@@ -87,9 +89,4 @@ def plot_bars(labels: Sequence[str], metrics: Mapping[str, tuple[Sequence[float]
         ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_title(name, fontsize=9)
-    if note:
-        fig.suptitle(note, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, note)
