@@ -206,3 +206,24 @@ def test_ddp_stage2_gradients_equal_a_single_process_reference(tmp_path, vae_che
             assert torch.allclose(got, want, rtol=1e-4, atol=atol), (net, i, float((got - want).abs().max()))
         # The halves really differ: an un-averaged gradient (one rank's own) would fail the comparison.
         assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(halves[0][net], halves[1][net])), net
+
+
+def test_one_job_trains_stage1_then_stage2_and_resumes_without_retraining_stage1(tmp_path):
+    """Without --vae the script trains stage 1 into SAVE/vae, then EVaLP on it; resuming the job goes to
+    stage 2 directly (stage 1's checkpoint is left as it was)."""
+    common = ["--save", str(tmp_path), "--stage1-dataset", "synthetic", "--stage1-num-channels", "4",
+              "--stage1-batch-size", "8", "--stage1-max-steps", "2", "--stage1-eval-batches", "1",
+              "--stage1-bn-readjust-batches", "1", "--batch-size", "8", "--n-critic", "2", "--energy-hidden", "8",
+              "--sampler-hidden", "8", "--num-couplings", "2", "--eval-batches", "1", "--bn-readjust-batches", "1",
+              "--critic-warmup-steps", "0", "--device", "cpu"]
+    out = run_script("scripts/train_nvae_evalp.py", *common, "--max-steps", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    stage1 = load_checkpoint(tmp_path / "vae" / "checkpoint.pt", "nvae")
+    assert stage1["step"] == 2
+    payload = load_checkpoint(tmp_path / "checkpoint.pt", "evalp")
+    assert payload["step"] == 2 and json.loads(payload["config"])["vae_path"] == str(tmp_path / "vae" / "checkpoint.pt")
+    before = (tmp_path / "vae" / "checkpoint.pt").stat().st_mtime_ns
+    out = run_script("scripts/train_nvae_evalp.py", *common, "--max-steps", "2", "--resume", "auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "checkpoint.pt", "evalp")["step"] == 2
+    assert (tmp_path / "vae" / "checkpoint.pt").stat().st_mtime_ns == before
