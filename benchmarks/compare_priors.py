@@ -331,10 +331,11 @@ def report(args: argparse.Namespace) -> None:
     for label, t in table.items():
         lines.append(f"| {label} | " + " | ".join(f"{m:.4g} +- {s:.2g}" for m, s in (t[c] for c in columns)) + " |")
     likelihood: dict[str, dict[str, tuple[float, float]]] = {}
-    if all(s["nll"] for s in seeds):
-        for name in ["gaussian", *sorted(set(seeds[0]["nll"]["priors"]) - {"gaussian"})]:
-            per = [s["nll"]["priors"][name] for s in seeds]
-            base = [s["nll"]["priors"]["gaussian"] for s in seeds]
+    with_nll = [s for s in seeds if s["nll"]]
+    if with_nll:
+        for name in ["gaussian", *sorted(set(with_nll[0]["nll"]["priors"]) - {"gaussian"})]:
+            per = [s["nll"]["priors"][name] for s in with_nll]
+            base = [s["nll"]["priors"]["gaussian"] for s in with_nll]
             likelihood[name] = {"NLL (nats)": _mean_std([p["nats"] for p in per]),
                                 "-ELBO (nats)": _mean_std([p["elbo_nats"] for p in per]),
                                 "ELBO gain over Gaussian (nats)": _mean_std([b["elbo_nats"] - p["elbo_nats"] for p, b in zip(per, base)]),
@@ -347,7 +348,7 @@ def report(args: argparse.Namespace) -> None:
     accuracy = [s["ncp_validation_accuracy"].get("accuracy/group00") for s in seeds]
     lines += ["", f"NCP classifier accuracy on the validation half, top group: {_mean_std(accuracy)[0]:.3f} +- "
                   f"{_mean_std(accuracy)[1]:.2g} (0.5 = no detectable hole)",
-              f"seeds: {len(seeds)}; timing runs: {len(timings)}"]
+              f"seeds: {len(seeds)}; with NLL/ELBO: {len(with_nll)}; timing runs: {len(timings)}"]
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     save_text_atomic(args.out / "compare_priors.md", text + "\n")
