@@ -46,6 +46,7 @@ from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
 from evalp_prior.evaluation import (EvalRequest, EvalResources, bn_adjusted, evaluate_prior,  # noqa: E402
                                     likelihood_priors, posterior_and_prior_draws)
 from evalp_prior.generation import build_prior, load_for_sampling  # noqa: E402
+from evalp_prior.metrics.fid import save_npz_atomic  # noqa: E402
 from evalp_prior.metrics.nll import Normalisers, dataset_nll  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
@@ -293,8 +294,6 @@ def _figure_data(args: argparse.Namespace, rows: list[tuple[str, Any, Any]], vae
         torch.manual_seed(args.seed + 1)
         with torch.no_grad():
             arrays[f"grid/{label}"] = model.crop(model.sample(args.grid_images, 1.0, hook)).cpu().numpy()
-    from evalp_prior.metrics.fid import save_npz_atomic
-
     save_npz_atomic(path, **arrays)
 
 

@@ -346,6 +346,16 @@ def _cache_path(cache_dir: PathLike, name: str, split: str, kind: str = "stats")
     return Path(cache_dir) / f"fid_{kind}_{safe}.npz"
 
 
+def _cache_metadata(name: str, split: str, count: int, feature_net: nn.Module,
+                    image_size: Optional[Sequence[int]]) -> dict[str, Any]:
+    """What a cached reference must match to be reused: data set, split, count, feature network, image size."""
+    meta: dict[str, Any] = {"name": name, "split": split, "count": int(count),
+                            "feature_net": getattr(feature_net, "fingerprint", type(feature_net).__name__)}
+    if image_size is not None:
+        meta["image_size"] = [int(s) for s in image_size]
+    return meta
+
+
 def _load_matching_cache(path: Path, expected: dict[str, Any]) -> Optional[FeatureStats]:
     """The cached statistics if the file exists and its metadata matches `expected`, else None (with a log line)."""
     if not path.is_file():
@@ -400,14 +410,7 @@ def reference_stats(
     """
     if count < 2:
         raise ValueError(f"FID reference statistics need at least 2 images, got count={count}")
-    expected: dict[str, Any] = {
-        "name": name,
-        "split": split,
-        "count": int(count),
-        "feature_net": getattr(feature_net, "fingerprint", type(feature_net).__name__),
-    }
-    if image_size is not None:
-        expected["image_size"] = [int(s) for s in image_size]
+    expected = _cache_metadata(name, split, count, feature_net, image_size)
     path = _cache_path(cache_dir, name, split) if cache_dir is not None else None
     cached = _load_matching_cache(path, expected) if path is not None else None
     if _all_ranks_agree(cached is not None, ctx):
@@ -508,10 +511,7 @@ def reference_features(
     """
     if count < 2:
         raise ValueError(f"reference features need at least 2 images, got count={count}")
-    expected: dict[str, Any] = {"format": _STATS_FORMAT, "name": name, "split": split, "count": int(count),
-                                "feature_net": getattr(feature_net, "fingerprint", type(feature_net).__name__)}
-    if image_size is not None:
-        expected["image_size"] = [int(s) for s in image_size]
+    expected = {"format": _STATS_FORMAT, **_cache_metadata(name, split, count, feature_net, image_size)}
     path = _cache_path(cache_dir, name, split, "features") if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
