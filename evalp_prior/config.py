@@ -37,6 +37,7 @@ class FrozenPriorConfig(RunCadence):
     eval_batches: int = 10  # validation batches per evaluation (diagnostics and MMD)
     sample_temperature: float = 1.0  # temperature of the sample grids written during training
     bn_readjust_batches: int = 20  # batches of prior samples that re-estimate BN statistics before sampling
+    compile: bool = False  # torch.compile the frozen NVAE's cells and EVaLP's sampler couplings (same maths)
 
 
 @dataclass

@@ -40,7 +40,7 @@ from nvae.distributions import draw_normal
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
 
-from .generation import (SamplingSetup, build_prior, default_prior,
+from .generation import (SamplingSetup, build_prior, compile_for_sampling, default_prior,
                          describe_prior, load_for_sampling, sir_proposals)
 from .metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, image_features, reference_features
 from .metrics.mmd import kernel_inception_distance, prior_hole_mmds
@@ -86,6 +86,7 @@ class EvalRequest:
     data_root: Optional[str] = None  # the data set's location now; None: as the NVAE's stage 1 recorded
     split: str = "test"  # held-out half of the test split for MMD and NLL: validation | test
     seed: int = 0
+    compile: bool = False  # torch.compile the decoder cells and the sampler's couplings
 
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first impossible setting."""
@@ -300,6 +301,8 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
     """Load any checkpoint kind, evaluate the requested (or its own) prior, and return the JSON report."""
     req.validate()
     setup: SamplingSetup = load_for_sampling(path, device)
+    if req.compile:
+        compile_for_sampling(setup)
     prior_name = req.prior or default_prior(setup)
     prior, bn_prior = build_prior(setup, prior_name, req.sir, req.sir_weights, req.sir_groups, req.sir_chunk,
                                   langevin_steps=req.langevin_steps, langevin_step_size=req.langevin_step_size)

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from nvae.cells import compile_cells
 from nvae.config import NVAERunConfig
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
@@ -110,6 +111,9 @@ def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     sampling.add_argument("--bn-batches", type=int, default=20,
                           help="BN re-adjustment batches before sampling (0: off)")
     sampling.add_argument("--seed", type=int, default=0, help="random seed of the draws")
+    sampling.add_argument("--compile", action="store_true",
+                          help="torch.compile the decoder cells and the EVaLP sampler's couplings (pays off for "
+                               "many images: compiling takes minutes on a CPU; docs/benchmarks.md)")
     sir = parser.add_argument_group("sampling-importance-resampling (evalp and ncp)")
     sir.add_argument("--sir", type=int, default=None, metavar="M",
                      help="proposals per draw, e.g. 1000 (evalp: default off; ncp: default the checkpoint's M)")
@@ -188,6 +192,14 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir
     groups = setup.evalp.groups if sir_groups == "all" else (None if sir_groups is None else list(sir_groups))
     hook = setup.evalp.prior(sir_proposals=sir or 0, sir_weights=sir_weights, sir_groups=groups, sir_chunk=sir_chunk)
     return hook, setup.evalp.prior()
+
+
+def compile_for_sampling(setup: SamplingSetup) -> None:
+    """torch.compile the blocks generation repeats (NVAE's cells, the EVaLP sampler's couplings); same draws
+    to float rounding."""
+    compile_cells(setup.vae)
+    if setup.evalp is not None:
+        setup.evalp.sampler.compile_couplings()
 
 
 def describe_prior(prior: str, hook: Optional[PriorHook]) -> str:

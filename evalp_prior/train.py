@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
+from nvae.cells import compile_cells
 from nvae.config import NVAERunConfig
 from nvae.data import binarize_if_needed, dataset_info, get_dataset, held_out_part
 from nvae.model import NVAE
@@ -110,6 +111,8 @@ class EVaLPTask:
         vae.eval().requires_grad_(False)
         self.groups, energies, sampler = build_prior_modules(cfg, vae)
         self.energies, self.sampler = energies.to(ctx.device), sampler.to(ctx.device)
+        if cfg.compile:  # not the energies: their gradient penalty differentiates twice, which compiling cannot
+            self.sampler.compile_couplings()
         # Separate DDP modules: the energy and the sampler have separate backward passes.
         self.energy_net = ddp_if_distributed(self.energies, ctx)
         self.sampler_net = ddp_if_distributed(self.sampler, ctx)
@@ -232,6 +235,8 @@ def train_frozen_prior(task_cls: Callable[..., Any], run_cfg: Any, cfg: FrozenPr
     test_set = held_out_part(get_dataset(tc.dataset, "test", root), "validation")
     per_epoch = steps_per_epoch(len(train_set), ctx.world_size, cfg.batch_size)
     total_steps = planned_steps(cfg, per_epoch)
+    if cfg.compile:
+        compile_cells(vae)
     task = task_cls(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger, total_steps)
     logger.info(f"{task.describe()}; {total_steps} steps on {ctx.world_size} process(es), {cfg.precision}")
     status = run_training(task, train_set, ctx, loop_settings(cfg, total_steps), run_dir, logger, resume, stop)

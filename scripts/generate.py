@@ -28,8 +28,8 @@ def parse_args() -> argparse.Namespace:
     io.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
     sampling = add_prior_args(parser)
     sampling.add_argument("--n", type=int, default=64, help="number of images")
-    sampling.add_argument("--batch-size", type=int, default=64)
-    sampling.add_argument("--device", default="auto")
+    sampling.add_argument("--batch-size", type=int, default=64, help="images per sampling call")
+    sampling.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return parser.parse_args()
 
 
@@ -48,11 +48,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main_with_context(args: argparse.Namespace, ctx) -> int:
-    from evalp_prior.generation import (build_prior, default_prior, describe_prior, generate, load_for_sampling,
-                                        save_outputs)
+    from evalp_prior.generation import (build_prior, compile_for_sampling, default_prior, describe_prior, generate,
+                                        load_for_sampling, save_outputs)
 
     check_args(args)
     setup = load_for_sampling(args.checkpoint, ctx.device)
+    if args.compile:
+        compile_for_sampling(setup)
     prior_name = args.prior or default_prior(setup)
     prior, bn_prior = build_prior(setup, prior_name, args.sir, args.sir_weights, parse_sir_groups(args.sir_groups),
                                   args.sir_chunk, langevin_steps=args.langevin_steps,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import ContextManager, Iterable, Optional, Union
 
 import torch
@@ -64,7 +65,11 @@ class Precision:
             self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             if params_for_clip is None:
                 params_for_clip = [p for group in optimizer.param_groups for p in group["params"]]
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params_for_clip, max_grad_norm)
+            if math.isinf(max_grad_norm):  # the norm only: clipping at infinity would rescale every gradient by 1
+                grads = [p.grad for p in params_for_clip if p.grad is not None]
+                self.last_grad_norm = torch.nn.utils.get_total_norm(grads)
+            else:
+                self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params_for_clip, max_grad_norm)
             finite = bool(torch.isfinite(self.last_grad_norm))
         if not self.scaler.is_enabled():
             if finite:
