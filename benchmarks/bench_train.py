@@ -110,6 +110,8 @@ def _run_worker(tree: str, row: dict, args: argparse.Namespace, memory: bool) ->
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if memory:
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    if "compile" in VARIANTS[row["variant"]]:
+        env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # a cold compile every time: what a new run pays
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"worker failed for {row} in {tree}:\n{done.stderr[-3000:]}")
