@@ -58,6 +58,14 @@ def _worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.measure_memory:
+        # What an entry point does on the CPU (run_entry); a checkout from before it existed runs without it.
+        try:
+            from nvae.runtime.process import keep_cpu_memory_mapped
+        except ImportError:
+            pass
+        else:
+            keep_cpu_memory_mapped()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_cfg = preset(args.preset)
     run_cfg.train = dataclasses.replace(run_cfg.train, batch_size=args.batch, precision=args.precision,

@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,48 +29,97 @@ from .train import TrainedEVaLP, load_evalp
 
 @dataclass
 class SamplingSetup:
-    """A loaded checkpoint: the NVAE, and the fitted prior of a stage-2 (EVaLP) or baseline checkpoint."""
+    """A loaded checkpoint: the NVAE and, for a stage-2 or baseline checkpoint, the fitted prior it carries."""
 
     vae: NVAE
-    evalp: Optional[TrainedEVaLP]
-    langevin: Optional[TrainedLangevin] = None
-    ncp: Optional[TrainedNCP] = None
     vae_cfg: Optional[NVAERunConfig] = None  # the frozen NVAE's run config (data set, architecture)
-    kind: str = ""  # the checkpoint's kind, one of CHECKPOINT_KINDS
+    kind: str = "nvae"  # the checkpoint's kind, one of CHECKPOINT_KINDS
+    trained: Any = None  # the carried prior (TrainedEVaLP, TrainedLangevin, TrainedNCP); None for stage 1
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """How the user asked a carried prior to sample (build_prior has checked the flags it does not take)."""
+
+    sir: Optional[int]
+    sir_weights: str
+    sir_groups: Optional[Union[Sequence[int], str]]
+    sir_chunk: int
+    langevin_steps: Optional[int]
+    langevin_step_size: Optional[float]
+    tuning: str  # the SIR flags set away from their defaults, for messages
 
 
 @dataclass(frozen=True)
 class PriorKind:
-    """A trained prior's checkpoint kind (also its --prior name): what it is, and how its checkpoint loads."""
+    """A trained prior: its checkpoint kind (also its --prior name), how the checkpoint loads, how it samples."""
 
     name: str
     description: str  # in error messages: "a '<name>' (<description>) checkpoint"
     load: Callable[[Path, torch.device], SamplingSetup]
+    # (sampling hook, BN re-adjustment hook) for the carried prior
+    hooks: Callable[[Any, HookRequest], tuple[PriorHook, PriorHook]]
+    resamples: bool  # takes --sir and the SIR flags
+    chain: bool = False  # takes the Langevin chain flags
+    why_no_sir: str = ""  # why --sir does not apply, for priors that do not resample
+    compile: Callable[[Any], None] = lambda trained: None  # what --compile compiles beyond NVAE's cells
 
 
 def _evalp_setup(path: Path, device: torch.device) -> SamplingSetup:
     trained = load_evalp(path, device)
-    return SamplingSetup(trained.vae, trained, vae_cfg=trained.vae_cfg, kind="evalp")
+    return SamplingSetup(trained.vae, trained.vae_cfg, "evalp", trained)
+
+
+def _evalp_hooks(trained: TrainedEVaLP, req: HookRequest) -> tuple[PriorHook, PriorHook]:
+    # BN statistics are re-estimated with the sampler alone: with SIR they would cost M proposals per
+    # re-adjustment image, for a shift in decoder statistics that resampling barely changes.
+    if not req.sir and req.tuning:
+        raise ValueError(f"SIR is off for --prior evalp without --sir M, so {req.tuning} would be ignored")
+    groups = trained.groups if req.sir_groups == "all" else (None if req.sir_groups is None else list(req.sir_groups))
+    hook = trained.prior(sir_proposals=req.sir or 0, sir_weights=req.sir_weights, sir_groups=groups,
+                         sir_chunk=req.sir_chunk)
+    return hook, trained.prior()
 
 
 def _langevin_setup(path: Path, device: torch.device) -> SamplingSetup:
     trained = load_langevin(path, device)
-    return SamplingSetup(trained.base.vae, None, langevin=trained, vae_cfg=trained.base.vae_cfg, kind="langevin")
+    return SamplingSetup(trained.base.vae, trained.base.vae_cfg, "langevin", trained)
+
+
+def _langevin_hooks(trained: TrainedLangevin, req: HookRequest) -> tuple[PriorHook, PriorHook]:
+    hook = trained.prior(req.langevin_steps, req.langevin_step_size)  # BN re-adjusts with its own chain
+    return hook, hook
 
 
 def _ncp_setup(path: Path, device: torch.device) -> SamplingSetup:
     trained = load_ncp(path, device)
-    return SamplingSetup(trained.base.vae, None, ncp=trained, vae_cfg=trained.base.vae_cfg, kind="ncp")
+    return SamplingSetup(trained.base.vae, trained.base.vae_cfg, "ncp", trained)
 
 
-# The one registry of prior kinds: a new prior adds its entry here (and its hook in build_prior).
-PRIOR_KINDS = {k.name: k for k in (PriorKind("evalp", "stage-2", _evalp_setup),
-                                   PriorKind("langevin", "Langevin baseline", _langevin_setup),
-                                   PriorKind("ncp", "NCP baseline", _ncp_setup))}
+def _ncp_hooks(trained: TrainedNCP, req: HookRequest) -> tuple[PriorHook, PriorHook]:
+    # --sir is M (default: the checkpoint's), at every NCP group unless --sir-groups says otherwise; both
+    # weightings are the same (proposals from p0 make the exact weight r = exp(-E)). BN re-adjusts with the
+    # proposal (NVAE's prior), as EVaLP does with its sampler.
+    groups = None if req.sir_groups in (None, "all") else list(req.sir_groups)
+    return trained.prior(req.sir, groups, req.sir_chunk), trained.prior(1)
+
+
+def _compile_evalp(trained: TrainedEVaLP) -> None:
+    trained.sampler.compile_couplings()
+
+
+# The one registry of prior kinds: a new prior adds its entry here, and nothing else in this module changes.
+PRIOR_KINDS = {k.name: k for k in (
+    PriorKind("evalp", "stage-2", _evalp_setup, _evalp_hooks, resamples=True, compile=_compile_evalp),
+    PriorKind("langevin", "Langevin baseline", _langevin_setup, _langevin_hooks, resamples=False, chain=True,
+              why_no_sir="it samples by MCMC"),
+    PriorKind("ncp", "NCP baseline", _ncp_setup, _ncp_hooks, resamples=True))}
 for _kind in PRIOR_KINDS.values():
     register_checkpoint_kind(_kind.name, _kind.description)
 PRIORS = ("gaussian", *PRIOR_KINDS)
 CHECKPOINT_KINDS = ("nvae", *PRIOR_KINDS)  # the prior each kind carries is its default
+_RESAMPLERS = " or ".join(k.name for k in PRIOR_KINDS.values() if k.resamples)
+_CHAINS = " or ".join(k.name for k in PRIOR_KINDS.values() if k.chain)
 
 
 def load_for_sampling(path: Path, device: torch.device) -> SamplingSetup:
@@ -78,7 +127,7 @@ def load_for_sampling(path: Path, device: torch.device) -> SamplingSetup:
     kind = load_checkpoint(path, map_location="cpu")["kind"]
     if kind == "nvae":
         vae, vae_cfg, _ = load_trained_nvae(path, device)
-        return SamplingSetup(vae, None, vae_cfg=vae_cfg, kind=kind)
+        return SamplingSetup(vae, vae_cfg, kind)
     if kind in PRIOR_KINDS:
         return PRIOR_KINDS[kind].load(path, device)
     raise CheckpointError(f"{path} is a {kind!r} checkpoint; expected one of {', '.join(CHECKPOINT_KINDS)}")
@@ -86,15 +135,12 @@ def load_for_sampling(path: Path, device: torch.device) -> SamplingSetup:
 
 def default_prior(setup: SamplingSetup) -> str:
     """The prior a checkpoint was trained for: gaussian for stage 1, else its own kind."""
-    if setup.kind:
-        return "gaussian" if setup.kind == "nvae" else setup.kind
-    return "evalp" if setup.evalp is not None else "gaussian"  # a setup built by hand, without a kind
+    return setup.kind if setup.kind in PRIOR_KINDS else "gaussian"
 
 
 def available_priors(setup: SamplingSetup) -> list[str]:
     """The priors a checkpoint can sample with: NVAE's own, and the one it carries."""
-    carried = {"evalp": setup.evalp, "langevin": setup.langevin, "ncp": setup.ncp}
-    return ["gaussian"] + [name for name, trained in carried.items() if trained is not None]
+    return ["gaussian"] + ([setup.kind] if setup.kind in PRIOR_KINDS and setup.trained is not None else [])
 
 
 def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -145,14 +191,10 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir
     """(sampling hook, BN re-adjustment hook) for `prior`; checks that the request fits the checkpoint.
 
     Flags that the chosen prior would ignore are errors: --sir and the SIR settings (--sir-groups, or
-    --sir-weights / --sir-chunk away from their defaults) with gaussian or langevin, or with evalp when
-    --sir is off; --langevin-steps / --langevin-step-size with any prior but langevin (default: the
-    checkpoint's trained K and s). sir_groups 'all' means every group the prior models.
-    BN statistics are re-estimated with the EVaLP sampler alone: with SIR they would cost M proposals
-    for every re-adjustment image, for a shift in decoder statistics that resampling barely changes.
-    NCP re-adjusts with its proposal (NVAE's prior) for the same reason; Langevin with its own chain.
-    For NCP, --sir is M (default: the checkpoint's), SIR runs at every NCP group unless sir_groups says
-    otherwise, and both weightings are the same (proposals from p0 make the exact weight r = exp(-E)).
+    --sir-weights / --sir-chunk away from their defaults) with a prior that does not resample (gaussian,
+    langevin), or with evalp when --sir is off; --langevin-steps / --langevin-step-size with any prior but
+    langevin (default: the checkpoint's trained K and s). sir_groups 'all' means every group the prior models.
+    The hooks themselves come from the prior's entry in PRIOR_KINDS.
     """
     if prior not in PRIORS:
         raise ValueError(f"--prior must be one of {PRIORS}, got {prior!r}")
@@ -162,44 +204,33 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir
         raise ValueError(f"--sir-weights must be one of {SIR_WEIGHTS}, got {sir_weights!r}")
     if sir_chunk < 1:
         raise ValueError(f"--sir-chunk must be >= 1, got {sir_chunk}")
-    if prior != "langevin" and (langevin_steps is not None or langevin_step_size is not None):
-        raise ValueError(f"--langevin-steps / --langevin-step-size apply to --prior langevin only, not {prior}")
-    if prior == "gaussian" and sir:
-        raise ValueError("--sir resamples with a learned energy or classifier; use it with --prior evalp or ncp")
-    if prior == "langevin" and sir:
-        raise ValueError("--sir does not apply to --prior langevin (it samples by MCMC)")
+    kind = PRIOR_KINDS.get(prior)  # None: NVAE's own Gaussian prior
+    if not (kind and kind.chain) and (langevin_steps is not None or langevin_step_size is not None):
+        raise ValueError(f"--langevin-steps / --langevin-step-size apply to --prior {_CHAINS} only, not {prior}")
+    if sir and kind is None:
+        raise ValueError(f"--sir resamples with a learned energy or classifier; use it with --prior {_RESAMPLERS}")
+    if sir and not kind.resamples:
+        raise ValueError(f"--sir does not apply to --prior {prior} ({kind.why_no_sir})")
     tuning = " / ".join(_sir_tuning_flags(sir_weights, sir_groups, sir_chunk))
-    if prior in ("gaussian", "langevin") and tuning:
+    if not (kind and kind.resamples) and tuning:
         raise ValueError(f"--prior {prior} does not resample, so {tuning} would be ignored; "
-                         "use with --prior evalp or ncp")
-    if prior == "gaussian":
+                         f"use with --prior {_RESAMPLERS}")
+    if kind is None:
         return None, None
     if prior not in available_priors(setup):
-        stage = "stage-1" if setup.kind in ("nvae", "") else f"{setup.kind!r}"
+        stage = "stage-1" if setup.kind == "nvae" else f"{setup.kind!r}"
         raise ValueError(f"this is a {stage} checkpoint: it has no {prior} prior; use --prior "
                          + " or ".join(available_priors(setup)))
-    if prior == "langevin":
-        assert setup.langevin is not None
-        hook = setup.langevin.prior(langevin_steps, langevin_step_size)
-        return hook, hook
-    if prior == "ncp":
-        assert setup.ncp is not None
-        groups = None if sir_groups in (None, "all") else list(sir_groups)
-        return setup.ncp.prior(sir, groups, sir_chunk), setup.ncp.prior(1)
-    assert setup.evalp is not None
-    if not sir and tuning:
-        raise ValueError(f"SIR is off for --prior evalp without --sir M, so {tuning} would be ignored")
-    groups = setup.evalp.groups if sir_groups == "all" else (None if sir_groups is None else list(sir_groups))
-    hook = setup.evalp.prior(sir_proposals=sir or 0, sir_weights=sir_weights, sir_groups=groups, sir_chunk=sir_chunk)
-    return hook, setup.evalp.prior()
+    return kind.hooks(setup.trained, HookRequest(sir, sir_weights, sir_groups, sir_chunk, langevin_steps,
+                                                 langevin_step_size, tuning))
 
 
 def compile_for_sampling(setup: SamplingSetup) -> None:
     """torch.compile the blocks generation repeats (NVAE's cells, the EVaLP sampler's couplings); same draws
     to float rounding."""
     compile_cells(setup.vae)
-    if setup.evalp is not None:
-        setup.evalp.sampler.compile_couplings()
+    if setup.kind in PRIOR_KINDS:
+        PRIOR_KINDS[setup.kind].compile(setup.trained)
 
 
 def describe_prior(prior: str, hook: Optional[PriorHook]) -> str:
