@@ -216,15 +216,21 @@ def main() -> None:
         spec = json.dumps([{k: r[k] for k in ("preset", "batch", "precision", "variant", "tree")} for r in group])
         for _ in range(args.rounds):
             # A cold compile in every process: what a new run pays.
-            outs = _run(["--paired-worker", "--rows", spec], args,
-                        {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"} if compiling else {})
+            try:
+                outs = _run(["--paired-worker", "--rows", spec], args,
+                            {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"} if compiling else {})
+            except SystemExit as failure:  # e.g. bf16 on a GPU without it: report, and go on with the next group
+                print(f"# {group[0]['preset']} batch {group[0]['batch']} {group[0]['precision']}: not measured: "
+                      f"{str(failure).strip().splitlines()[-1]}", flush=True)
+                group.clear()
+                break
             base_times = outs[next(i for i, r in enumerate(group) if r["baseline"])]["times"]
             for row, out in zip(group, outs):
                 row["times"] += out["times"]
                 row["first"].append(out["first_s"])
                 row["ratios"] += [t / b for t, b in zip(out["times"], base_times)]  # paired: same round
                 row["gpu_memory"] = {k: out[k] for k in ("peak_mb", "over_rest_mb") if k in out}
-        for row in group:
+        for row in group:  # empty when the group could not be measured
             row["step_s"] = statistics.median(row["times"])
             row["compile_s"] = statistics.median(row["first"]) - row["step_s"]
             mem = row.pop("gpu_memory")
@@ -240,7 +246,7 @@ def main() -> None:
     print(f"{'preset':<9}{'batch':>6}{'prec':>6}{'commit':>9}{'variant':>15}{'s/step':>9}{'time ratio':>11}"
           f"{'(quartiles)':>14}{'speed-up':>9}{'peak MB':>9}{'over rest':>10}{'ratio':>7}{'first-step +s':>15}"
           f"{'pays off':>10}")
-    for group in groups:
+    for group in filter(None, groups):
         base = next(r for r in group if r["baseline"])
         eager = next((r for r in group if r["variant"] == "eager" and r["tree"] == REPO), base)
         for r in group:
