@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from benchmarks.process_memory import reset_peak_rss, status_mb  # noqa: E402
 from evalp_prior.config import EVaLPConfig  # noqa: E402
 from evalp_prior.prior import EVaLPPrior  # noqa: E402
 from evalp_prior.sir import DEFAULT_SIR_CHUNK  # noqa: E402
@@ -54,15 +55,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _status_mb(field: str) -> float:
-    """A memory field of /proc/self/status in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Memory fn() needs above what is held when it starts: peak RSS (CPU) or peak allocation (GPU)."""
     if device.type == "cuda":
@@ -72,14 +64,11 @@ def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
+    if not reset_peak_rss():
         return float("nan")
-    before = _status_mb("VmRSS")
+    before = status_mb("VmRSS")
     fn()
-    return _status_mb("VmHWM") - before
+    return status_mb("VmHWM") - before
 
 
 def build(name: str, groups_flag: str, device: torch.device) -> tuple[NVAE, list[int], torch.nn.Module, torch.nn.Module]:

@@ -34,16 +34,11 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.process_memory import reset_peak_rss, status_mb  # noqa: E402
 VARIANTS = {"eager": {}, "compiled": {"compile": True}, "ckpt": {"checkpoint_activations": True},
             "compiled+ckpt": {"compile": True, "checkpoint_activations": True}}
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _import_tree(tree: str) -> dict:
@@ -127,11 +122,10 @@ def _memory_worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     task, x = _build_task(_import_tree(args.tree), args.preset, args.batch, args.precision, args.variant, device)
     task.train_step(x, 0)  # warm-up: optimiser state, gradients, kernel caches
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
-    before = _status_mb("VmRSS")
+    reset_peak_rss()
+    before = status_mb("VmRSS")
     task.train_step(x, 1)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     print(json.dumps({"peak_mb": peak, "over_rest_mb": peak - before}))
 
 
