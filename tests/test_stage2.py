@@ -227,3 +227,26 @@ def test_one_job_trains_stage1_then_stage2_and_resumes_without_retraining_stage1
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_checkpoint(tmp_path / "checkpoint.pt", "evalp")["step"] == 2
     assert (tmp_path / "vae" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_compiled_stage2_step_matches_eager(vae_checkpoint):
+    """--compile in stage 2 (the frozen NVAE's cells, as train_frozen_prior does, and the sampler's couplings)
+    gives the eager step's energy and sampler gradients."""
+    from nvae.cells import compile_cells
+
+    batch = torch.stack([get_dataset("synthetic", "train")[i] for i in range(8)])
+    grads = []
+    for compiled in (False, True):
+        vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
+        if compiled:
+            compile_cells(vae)
+        torch.manual_seed(0)
+        task = EVaLPTask(_stage2_config(vae, compile=compiled), vae, vae_cfg, CPU,
+                         held_out_part(get_dataset("synthetic", "test"), "validation"), False, RunLogger(".", False), 6)
+        assert all((c.compiled_params is not None) == compiled for c in task.sampler.couplings)
+        torch.manual_seed(1)
+        grads.append(_one_step_gradients(task, batch))
+    for part in ("energy", "sampler"):
+        scale = max(g.abs().max().item() for g in grads[0][part])
+        for eager, fast in zip(grads[0][part], grads[1][part]):
+            assert torch.allclose(eager, fast, rtol=1e-3, atol=1e-5 * scale + 1e-8), part
