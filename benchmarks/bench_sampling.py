@@ -42,7 +42,6 @@ from evalp_prior.config import EVaLPConfig  # noqa: E402
 from evalp_prior.prior import EVaLPPrior  # noqa: E402
 from evalp_prior.sir import DEFAULT_SIR_CHUNK  # noqa: E402
 from evalp_prior.train import build_prior_modules  # noqa: E402
-from nvae.cells import compile_cells  # noqa: E402
 from nvae.config import preset  # noqa: E402
 from nvae.hooks import PriorHook  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
@@ -104,7 +103,7 @@ def configurations(vae: NVAE, groups: list[int], energies: torch.nn.Module, samp
     configs = {label: (vae, hook) for label, hook in hooks(sampler).items()}
     if compile_too:
         fast_vae, fast_sampler = copy.deepcopy(vae), copy.deepcopy(sampler)
-        compile_cells(fast_vae)
+        fast_vae.compile_cells()
         fast_sampler.compile_couplings()
         configs.update({f"{label}+compile": (fast_vae, hook) for label, hook in hooks(fast_sampler).items()})
     return configs

@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from nvae.cells import compile_cells
 from nvae.config import NVAERunConfig
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
@@ -21,9 +20,8 @@ from nvae.runtime.checkpoint import register_checkpoint_kind
 from nvae.sampling import sample_images
 from nvae.trained import load_trained_nvae
 
-from .baselines.langevin import LangevinPrior, TrainedLangevin, load_langevin
-from .baselines.ncp import NCPPrior, TrainedNCP, load_ncp
-from .prior import EVaLPPrior
+from .baselines.langevin import TrainedLangevin, load_langevin
+from .baselines.ncp import TrainedNCP, load_ncp
 from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS
 from .train import TrainedEVaLP, load_evalp
 
@@ -228,27 +226,21 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir
 def compile_for_sampling(setup: SamplingSetup) -> None:
     """torch.compile the blocks generation repeats (NVAE's cells, the EVaLP sampler's couplings); same draws
     to float rounding."""
-    compile_cells(setup.vae)
+    setup.vae.compile_cells()
     if setup.kind in PRIOR_KINDS:
         PRIOR_KINDS[setup.kind].compile(setup.trained)
 
 
 def describe_prior(prior: str, hook: Optional[PriorHook]) -> str:
     """The prior with the settings its hook samples with, e.g. 'langevin (20 Langevin steps, step size 0.05)'."""
-    if isinstance(hook, LangevinPrior):
-        return f"{prior} ({hook.steps} Langevin steps, step size {hook.step_size:g})"
-    if isinstance(hook, NCPPrior):
-        return f"{prior} (SIR M={hook.sir_proposals} at groups {hook.sir_groups})"
-    if isinstance(hook, EVaLPPrior) and hook.sir_proposals > 1:
-        return f"{prior} (SIR M={hook.sir_proposals}, {hook.sir_weights} weights, at groups {hook.sir_groups})"
-    return prior
+    settings = hook.settings() if hasattr(hook, "settings") else ""
+    return f"{prior} ({settings})" if settings else prior
 
 
 def sir_proposals(hook: Optional[PriorHook]) -> Optional[int]:
     """M, the proposals per draw the hook resamples with (ncp: the checkpoint's unless --sir says); None without SIR."""
-    if isinstance(hook, (EVaLPPrior, NCPPrior)) and hook.sir_proposals > 0:
-        return hook.sir_proposals
-    return None
+    m = getattr(hook, "sir_proposals", 0)
+    return m if m > 0 else None
 
 
 def generate(vae: NVAE, prior: Optional[PriorHook], num: int, temperature: float, batch_size: int = 64,

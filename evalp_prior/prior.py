@@ -53,6 +53,12 @@ class EVaLPPrior:
         # Effective sample size (sum w)^2 / sum w^2 per item of the latest SIR draw of each group: a diagnostic.
         self.last_ess: dict[int, torch.Tensor] = {}
 
+    def settings(self) -> str:
+        """How it samples, for messages ('' for the sampler alone)."""
+        if self.sir_proposals > 1:
+            return f"SIR M={self.sir_proposals}, {self.sir_weights} weights, at groups {self.sir_groups}"
+        return ""
+
     def sample_group(
         self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor, temperature: float
     ) -> Optional[torch.Tensor]:

@@ -13,7 +13,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from nvae.cells import compile_cells
 from nvae.config import NVAERunConfig
 from nvae.data import binarize_if_needed, dataset_info, get_dataset, held_out_part
 from nvae.model import NVAE
@@ -236,7 +235,7 @@ def train_frozen_prior(task_cls: Callable[..., Any], run_cfg: Any, cfg: FrozenPr
     per_epoch = steps_per_epoch(len(train_set), ctx.world_size, cfg.batch_size)
     total_steps = planned_steps(cfg, per_epoch)
     if cfg.compile:
-        compile_cells(vae)
+        vae.compile_cells()
     task = task_cls(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger, total_steps)
     logger.info(f"{task.describe()}; {total_steps} steps on {ctx.world_size} process(es), {cfg.precision}")
     status = run_training(task, train_set, ctx, loop_settings(cfg, total_steps), run_dir, logger, resume, stop)

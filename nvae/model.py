@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .cells import DecCombiner, EncCombiner, ResidualCell, WNConv2d
+from .cells import DecCombiner, EncCombiner, ResidualCell, WNConv2d, compile_cells
 from .config import ModelConfig
 from .distributions import Bernoulli, DiscMixLogistic, DiscretisedGaussian, Normal, draw_normal, normal_kl
 from .flows import PairedShiftFlow
@@ -111,6 +111,10 @@ class NVAE(nn.Module):
                 ch = ch // 2 if c == 0 else ch
         self.postprocess = nn.Sequential(*post)
         self.image_head = nn.Sequential(nn.ELU(), WNConv2d(ch, self._num_output_params(), 3, padding=1, bias=True))
+
+    def compile_cells(self) -> None:
+        """torch.compile every residual cell (``--compile``): the same maths, to float rounding."""
+        compile_cells(self)
 
     # ----------------------------------------------------------------------------------- structure
     def _num_output_params(self) -> int:

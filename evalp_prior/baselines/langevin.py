@@ -83,6 +83,10 @@ class LangevinPrior(TiltedGaussianDensity):
         self.steps = steps
         self.step_size = step_size
 
+    def settings(self) -> str:
+        """How it samples, for messages."""
+        return f"{self.steps} Langevin steps, step size {self.step_size:g}"
+
     def sample_group(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
                      temperature: float) -> Optional[torch.Tensor]:
         """z_l (like mu_p) for an energy group, or None to let NVAE draw the group."""

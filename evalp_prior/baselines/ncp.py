@@ -68,6 +68,10 @@ class NCPPrior(TiltedGaussianDensity):
         self.sir_proposals = sir_proposals
         self.sir_chunk = sir_chunk
 
+    def settings(self) -> str:
+        """How it samples, for messages."""
+        return f"SIR M={self.sir_proposals} at groups {self.sir_groups}"
+
     def sample_group(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
                      temperature: float) -> Optional[torch.Tensor]:
         """z_l (like mu_p) resampled by the classifier, or None to let NVAE draw the group."""
