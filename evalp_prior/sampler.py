@@ -190,7 +190,8 @@ class SharedFlowSampler(nn.Module):
 
     def compile_couplings(self) -> None:
         """torch.compile every coupling's conditioner (``--compile``): a few narrow convolutions and an
-        element-wise tail per coupling, whose CPU cost is dispatch rather than arithmetic."""
+        element-wise tail per coupling. Measured on a CPU it does not help (the convolutions dominate there,
+        docs/benchmarks.md); it is meant for GPUs, where the element-wise kernels are launch-bound."""
         params = compiled(AffineCoupling._params)
         for coupling in self.couplings:
             coupling.compiled_params = params

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch.utils.data import Dataset
 
-from .cells import compile_cells, set_activation_checkpointing
+from .cells import set_activation_checkpointing
 from .config import ModelConfig, NVAERunConfig
 from .data import DatasetInfo, binarize_if_needed, dataset_info, get_dataset
 from .losses import SpectralRegularizer, balanced_kl, batchnorm_regularizer, kl_balance_alphas, kl_coefficient
@@ -47,7 +47,7 @@ class NVAETask:
         if run_cfg.train.checkpoint_activations:
             set_activation_checkpointing(model, True)
         if run_cfg.train.compile:
-            compile_cells(model)
+            model.compile_cells()
         self.model = model
         self.net = ddp_if_distributed(model, ctx)
         tc = run_cfg.train
