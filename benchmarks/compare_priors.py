@@ -2,7 +2,9 @@
 """Compare priors on a frozen NVAE, one training seed per invocation, then aggregate seeds into tables and figures.
 
 Rows: NVAE's Gaussian prior, EVaLP (its sampler), EVaLP + SIR, the Langevin-MCMC energy prior and NCP + SIR,
-all on the same frozen NVAE, the priors trained for the same number of steps. Per seed (resumable: every
+all on the same frozen NVAE, the priors trained for the same number of steps; and the ceiling of every
+top-group prior, z_1 drawn from the aggregate posterior of training images outside the FID reference
+(evalp_prior.oracle; not timed, no likelihood). Per seed (resumable: every
 stage's checkpoint and every row's evaluation is reused when present with the same settings):
 
     python benchmarks/compare_priors.py --vae runs/small_s0/checkpoint.pt --out runs/compare/small/seed0
@@ -49,7 +51,9 @@ from evalp_prior.generation import build_prior, load_for_sampling  # noqa: E402
 from evalp_prior.metrics.fid import save_npz_atomic  # noqa: E402
 from evalp_prior.metrics.nll import Normalisers, dataset_nll  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
+from evalp_prior.oracle import AggregatePosteriorPrior, aggregate_posterior_bank  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
+from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
 from nvae.runtime import RunLogger, init_distributed, load_checkpoint, save_text_atomic, seed_everything  # noqa: E402
 from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
@@ -77,6 +81,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--mmd-samples", type=int, default=2000, help="test-half images encoded for the prior-hole MMD^2")
     parser.add_argument("--nll", type=int, default=100, help="importance samples K per image for NLL and ELBO (0: skip)")
     parser.add_argument("--nll-images", type=int, default=1000, help="test-half images for NLL and ELBO")
+    parser.add_argument("--oracle-images", type=int, default=10000,
+                        help="training images whose posterior z_1 make the aggregate-posterior row (0: no such row)")
     parser.add_argument("--bn-batches", type=int, default=20, help="BN re-adjustment batches before generating")
     parser.add_argument("--grid-images", type=int, default=32, help="images per prior in the sample-grid figure")
     parser.add_argument("--timing", action="store_true", help="only time sampling (round-robin over rows); run it alone")
@@ -94,17 +100,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _without_speed_only(config: Any) -> Any:
+    """A run configuration's JSON without the speed-only settings, at any depth."""
+    if isinstance(config, dict):
+        return {k: _without_speed_only(v) for k, v in config.items() if k not in SPEED_ONLY_FIELDS}
+    return config
+
+
 def _stage(path: Path, name: str, config_json: str, total_steps: int, train, seconds: dict[str, Any]) -> Path:
     """Train into path (resuming a partial run) and record its seconds; a finished checkpoint is reused.
 
     A checkpoint trained with another configuration (e.g. before a default changed) is an error, never
-    silently reused: the table must describe the settings it reports.
+    silently reused: the table must describe the settings it reports. Speed-only settings (SPEED_ONLY_FIELDS,
+    also ones added after the checkpoint was written) do not count: they never change what is trained.
     """
     ckpt = path / LATEST_NAME
     resume = None
     if ckpt.is_file():
         payload = load_checkpoint(ckpt, map_location="cpu")
-        if json.loads(payload["config"]) != json.loads(config_json):
+        if _without_speed_only(json.loads(payload["config"])) != _without_speed_only(json.loads(config_json)):
             raise SystemExit(f"[{name}] {ckpt} was trained with a different configuration than this run asks for "
                              f"(a changed default or flag); move {path} away or use another --out")
         if int(payload["step"]) >= total_steps:
@@ -187,13 +201,26 @@ def lr_sweep(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, fingerprint: str
     print(table)
 
 
+ORACLE = "aggregate_posterior"
+
+
 def _rows(args: argparse.Namespace, setups: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(label, hook, BN re-adjustment hook) of every compared prior."""
+    """(label, hook, BN re-adjustment hook) of every compared (trained) prior."""
     rows: list[tuple[str, Any, Any]] = [("gaussian", None, None), ("evalp", *build_prior(setups["evalp"], "evalp"))]
     rows += [(f"evalp+sir{m}", *build_prior(setups["evalp"], "evalp", m)) for m in args.sir]
     rows.append(("langevin", *build_prior(setups["langevin"], "langevin")))
     rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir)))
     return rows
+
+
+def _oracle_images(args: argparse.Namespace, train_size: int) -> tuple[int, int]:
+    """(first, count) of the training images of the aggregate-posterior bank: the ones right after the FID
+    reference images, so that the row is never scored against its own reconstructions."""
+    first = args.fid_ref_images
+    if first + args.oracle_images > train_size:
+        raise SystemExit(f"--oracle-images {args.oracle_images} after the {first} reference images needs "
+                         f"{first + args.oracle_images} training images, the data set has {train_size}")
+    return first, args.oracle_images
 
 
 def interleaved_timing(rows: list[tuple[str, Any, Any]], vae: NVAE, args: argparse.Namespace,
@@ -250,9 +277,18 @@ def run_seed(args: argparse.Namespace) -> None:
     req = EvalRequest(fid_samples=args.fid_samples, fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir,
                       mmd=True, mmd_samples=args.mmd_samples, bn_batches=args.bn_batches, split="test", seed=args.seed)
     res = EvalResources(vae, vae_cfg, ctx.device, req)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(req).items()}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(req).items()
+                if k not in SPEED_ONLY_FIELDS}
     results = {label: _cached(args.out / "eval" / f"{label}.json", {**settings, "checkpoint": str(checkpoints.get(label.split("+")[0], args.vae))},
                               lambda h=hook, b=bn: evaluate_prior(res, h, b)) for label, hook, bn in rows}
+    if args.oracle_images:
+        first, count = _oracle_images(args, len(res.split("train")))
+        bank = aggregate_posterior_bank(vae, res.split("train"), first, count, 64, res.binarize(), ctx.device)
+        oracle = AggregatePosteriorPrior(bank)
+        results[ORACLE] = _cached(args.out / "eval" / f"{ORACLE}.json",
+                                  {**settings, "checkpoint": str(args.vae), "bank_images": [first, first + count]},
+                                  lambda: evaluate_prior(res, oracle, oracle))
+        rows = [*rows, (ORACLE, oracle, oracle)]
     densities = {"gaussian": None}
     for label, hook, _ in rows[1:]:
         if "+sir" not in label or label.startswith("ncp"):
@@ -282,7 +318,7 @@ def _figure_data(args: argparse.Namespace, rows: list[tuple[str, Any, Any]], vae
                  device: torch.device) -> None:
     """Top-group draws of every row on the test half (for the PCA figure) and a sample grid per row, one seed."""
     path = args.out / "figure_data.npz"
-    if path.is_file():
+    if path.is_file() and all(f"grid/{label}" in np.load(path).files for label, _, _ in rows):
         return
     draws = posterior_and_prior_draws(vae, {label: hook for label, hook, _ in rows}, res.held_out(), args.mmd_samples,
                                       64, res.binarize(), device, args.seed)
@@ -320,7 +356,12 @@ def report(args: argparse.Namespace) -> None:
              "MMD^2 z_1 x1e3": _mean_std([1e3 * p["mmd"]["top"]["mmd2_multi"] for p in per]),
              "MMD^2 / Gaussian": _mean_std([p["mmd"]["top"]["mmd2_multi"] / g["mmd"]["top"]["mmd2_multi"]
                                             for p, g in zip(per, gauss)])}
-        if timings:
+        for group in range(1, len(per[0]["mmd"]["groups"])):  # the lower groups of a hierarchical NVAE
+            t[f"MMD^2 z_{group + 1} x1e3"] = _mean_std([1e3 * p["mmd"]["groups"][group]["mmd2_multi"] for p in per])
+            # Against the permutation noise floor: with no hole there, a ratio to the Gaussian's MMD^2 (~0) means nothing.
+            t[f"MMD^2 z_{group + 1} / noise floor"] = _mean_std(
+                [p["mmd"]["groups"][group]["mmd2_multi"] / p["mmd"]["groups"][group]["null_std_multi"] for p in per])
+        if timings and all(label in tm for tm in timings):
             t["s / image x1e3"] = _mean_std([1e3 * tm[label]["seconds_per_image"] for tm in timings])
             t["time / Gaussian"] = _mean_std([tm[label]["seconds_per_image"] / tm["gaussian"]["seconds_per_image"]
                                               for tm in timings])
@@ -328,7 +369,8 @@ def report(args: argparse.Namespace) -> None:
     columns = list(table[labels[0]])
     lines = ["| prior | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, t in table.items():
-        lines.append(f"| {label} | " + " | ".join(f"{m:.4g} +- {s:.2g}" for m, s in (t[c] for c in columns)) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{t[c][0]:.4g} +- {t[c][1]:.2g}" if c in t else "not timed"
+                                                   for c in columns) + " |")
     likelihood: dict[str, dict[str, tuple[float, float]]] = {}
     with_nll = [s for s in seeds if s["nll"]]
     if with_nll:

@@ -79,10 +79,13 @@ class RunCadence:
     max_bad_steps: int = 20  # consecutive skipped non-finite steps after which the run stops (exit 3)
 
 
-# What a resumed run may set differently (check_resume): its cadence, how much it evaluates, where the data lives.
+# Settings that change speed and memory, never the maths: a run trained with any value of them is the same run.
+SPEED_ONLY_FIELDS = frozenset({"compile", "checkpoint_activations"})
+
+# What a resumed run may set differently (check_resume): its cadence, how much it evaluates, where the data
+# lives, and the speed-only settings.
 MAY_CHANGE_ON_RESUME = frozenset({f.name for f in dataclasses.fields(RunCadence)}
-                                 | {"eval_batches", "bn_readjust_batches", "data_root", "compile",
-                                    "checkpoint_activations"})
+                                 | {"eval_batches", "bn_readjust_batches", "data_root"} | SPEED_ONLY_FIELDS)
 
 
 @dataclass

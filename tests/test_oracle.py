@@ -1,0 +1,67 @@
+"""The aggregate-posterior ceiling row: it draws z_1 from its bank only, and the bank is the posterior's z_1."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalp_prior.evaluation import posterior_and_prior_draws
+from evalp_prior.oracle import AggregatePosteriorPrior, aggregate_posterior_bank
+from nvae.data import get_dataset
+from nvae.trained import load_trained_nvae
+from tests.helpers import CPU
+
+
+def bank_rows(z: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """(n, N) boolean: draw i equals bank row j exactly."""
+    return (z.flatten(1)[:, None, :] == bank.flatten(1)[None, :, :]).all(dim=2)
+
+
+class RecordingPrior:
+    """Wraps a hook and keeps what it returned per group."""
+
+    def __init__(self, inner):
+        self.inner, self.returned = inner, {}
+
+    def sample_group(self, group, h, mu_p, sigma_p, temperature):
+        z = self.inner.sample_group(group, h, mu_p, sigma_p, temperature)
+        self.returned[group] = z
+        return z
+
+
+def test_oracle_draws_only_bank_rows_for_the_top_group_and_declines_the_rest():
+    bank = torch.randn(7, 2, 3, 3)
+    prior = AggregatePosteriorPrior(bank)
+    torch.manual_seed(0)
+    z = prior.sample_group(0, torch.zeros(50, 4, 3, 3), torch.zeros(50, 2, 3, 3), torch.ones(50, 2, 3, 3), 1.0)
+    matches = bank_rows(z, bank)
+    assert torch.all(matches.any(dim=1))  # every draw is a bank row, exactly
+    assert torch.all(matches.any(dim=0))  # 50 draws with replacement reach all 7 rows
+    assert prior.sample_group(1, torch.zeros(5, 4, 6, 6), torch.zeros(5, 2, 6, 6), torch.ones(5, 2, 6, 6), 1.0) is None
+
+
+def test_oracle_rejects_a_bank_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="non-empty"):
+        AggregatePosteriorPrior(torch.zeros(0, 2, 3, 3))
+    prior = AggregatePosteriorPrior(torch.zeros(4, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"\(2, 3, 3\)"):
+        prior.sample_group(0, torch.zeros(1, 4, 4, 4), torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4), 1.0)
+
+
+def test_bank_is_the_posterior_of_the_chosen_images_and_sampling_uses_it(vae_checkpoint):
+    vae, cfg, _ = load_trained_nvae(vae_checkpoint, CPU.device)
+    data = get_dataset(cfg.train.dataset, "train", cfg.train.data_root)
+    bank = aggregate_posterior_bank(vae, data, 3, 6, 4, False, CPU.device)
+    assert bank.shape == (6, *vae.group_specs[0].shape)
+    expected = posterior_and_prior_draws(vae, {}, torch.utils.data.Subset(data, range(3, 9)), 6, 4, False, CPU.device)
+    torch.testing.assert_close(bank.flatten(1), expected["posterior"][0], rtol=0, atol=0)
+    other = aggregate_posterior_bank(vae, data, 0, 6, 4, False, CPU.device)
+    assert not torch.equal(bank, other)  # other images, other posterior samples
+
+    recorder = RecordingPrior(AggregatePosteriorPrior(bank))
+    with torch.no_grad():
+        vae.eval().sample(5, 1.0, recorder)
+    assert recorder.returned[0].shape == (5, *vae.group_specs[0].shape)
+    assert torch.all(bank_rows(recorder.returned[0], bank).any(dim=1))
+    assert all(recorder.returned[g] is None for g in range(1, len(vae.group_specs)))
+    with pytest.raises(ValueError, match="are not all in"):
+        aggregate_posterior_bank(vae, data, len(data) - 2, 6, 4, False, CPU.device)
