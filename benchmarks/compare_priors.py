@@ -2,9 +2,10 @@
 """Compare priors on a frozen NVAE, one training seed per invocation, then aggregate seeds into tables and figures.
 
 Rows: NVAE's Gaussian prior, EVaLP (its sampler), EVaLP + SIR, the Langevin-MCMC energy prior and NCP + SIR,
-all on the same frozen NVAE, the priors trained for the same number of steps; and the ceiling of every
-top-group prior, z_1 drawn from the aggregate posterior of training images outside the FID reference
-(evalp_prior.oracle; not timed, no likelihood). Per seed (resumable: every
+all on the same frozen NVAE, the priors trained for the same number of steps; and two rows read off the
+aggregate posterior of z_1 on training images outside the FID reference (evalp_prior.oracle; not timed, no
+likelihood): its samples, the ceiling of every top-group prior, and its full-covariance Gaussian fit, the
+simplest learned prior. Per seed (resumable: every
 stage's checkpoint and every row's evaluation is reused when present with the same settings):
 
     python benchmarks/compare_priors.py --vae runs/small_s0/checkpoint.pt --out runs/compare/small/seed0
@@ -51,7 +52,7 @@ from evalp_prior.generation import build_prior, load_for_sampling  # noqa: E402
 from evalp_prior.metrics.fid import save_npz_atomic  # noqa: E402
 from evalp_prior.metrics.nll import Normalisers, dataset_nll  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
-from evalp_prior.oracle import AggregatePosteriorPrior, aggregate_posterior_bank  # noqa: E402
+from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
@@ -82,7 +83,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--nll", type=int, default=100, help="importance samples K per image for NLL and ELBO (0: skip)")
     parser.add_argument("--nll-images", type=int, default=1000, help="test-half images for NLL and ELBO")
     parser.add_argument("--oracle-images", type=int, default=10000,
-                        help="training images whose posterior z_1 make the aggregate-posterior row (0: no such row)")
+                        help="training images whose posterior z_1 make the aggregate-posterior rows (0: no such rows)")
     parser.add_argument("--bn-batches", type=int, default=20, help="BN re-adjustment batches before generating")
     parser.add_argument("--grid-images", type=int, default=32, help="images per prior in the sample-grid figure")
     parser.add_argument("--timing", action="store_true", help="only time sampling (round-robin over rows); run it alone")
@@ -201,7 +202,8 @@ def lr_sweep(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, fingerprint: str
     print(table)
 
 
-ORACLE = "aggregate_posterior"
+# The rows read off the aggregate posterior's bank of z_1 samples.
+REFERENCE_ROWS = {"aggregate_posterior": AggregatePosteriorPrior, "posterior_gaussian": PosteriorGaussianPrior}
 
 
 def _rows(args: argparse.Namespace, setups: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -213,7 +215,7 @@ def _rows(args: argparse.Namespace, setups: dict[str, Any]) -> list[tuple[str, A
     return rows
 
 
-def _oracle_images(args: argparse.Namespace, train_size: int) -> tuple[int, int]:
+def _bank_images(args: argparse.Namespace, train_size: int) -> tuple[int, int]:
     """(first, count) of the training images of the aggregate-posterior bank: the ones right after the FID
     reference images, so that the row is never scored against its own reconstructions."""
     first = args.fid_ref_images
@@ -282,13 +284,14 @@ def run_seed(args: argparse.Namespace) -> None:
     results = {label: _cached(args.out / "eval" / f"{label}.json", {**settings, "checkpoint": str(checkpoints.get(label.split("+")[0], args.vae))},
                               lambda h=hook, b=bn: evaluate_prior(res, h, b)) for label, hook, bn in rows}
     if args.oracle_images:
-        first, count = _oracle_images(args, len(res.split("train")))
+        first, count = _bank_images(args, len(res.split("train")))
         bank = aggregate_posterior_bank(vae, res.split("train"), first, count, 64, res.binarize(), ctx.device)
-        oracle = AggregatePosteriorPrior(bank)
-        results[ORACLE] = _cached(args.out / "eval" / f"{ORACLE}.json",
-                                  {**settings, "checkpoint": str(args.vae), "bank_images": [first, first + count]},
-                                  lambda: evaluate_prior(res, oracle, oracle))
-        rows = [*rows, (ORACLE, oracle, oracle)]
+        for label, kind in REFERENCE_ROWS.items():
+            hook = kind(bank)
+            results[label] = _cached(args.out / "eval" / f"{label}.json",
+                                     {**settings, "checkpoint": str(args.vae), "bank_images": [first, first + count]},
+                                     lambda h=hook: evaluate_prior(res, h, h))
+            rows = [*rows, (label, hook, hook)]
     densities = {"gaussian": None}
     for label, hook, _ in rows[1:]:
         if "+sir" not in label or label.startswith("ncp"):

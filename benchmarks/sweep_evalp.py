@@ -38,7 +38,7 @@ from nvae.runtime import RunLogger, init_distributed, load_checkpoint, save_text
 from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", type=Path, nargs="+", required=True,
                         help="stage-1 checkpoints to freeze (e.g. one per stage-1 seed); every setting runs on each")
@@ -58,7 +58,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fid-ref-images", type=int, default=10000, help="training images in the FID reference statistics")
     parser.add_argument("--fid-stats-dir", type=Path, default=Path("runs/fid_stats"), help="cache of FID reference statistics")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    return parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def column_requests(args: argparse.Namespace, seed: int) -> list[tuple[str, EvalRequest]]:
+    """(column, evaluation) of one run: the sampler alone, then SIR at every M and weighting."""
+    common = dict(mmd=True, mmd_samples=args.mmd_samples, split=args.split, seed=seed, fid_samples=args.fid,
+                  fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir)
+    return [("sampler", EvalRequest(**common))] + [(f"sir{m}_{w}", EvalRequest(sir=m, sir_weights=w, **common))
+                                                  for m in args.sir for w in args.sir_weights]
 
 
 def run_one(args: argparse.Namespace, vae_path: Path, overrides: dict[str, Any], seed: int, run_dir: Path,
@@ -82,11 +90,7 @@ def run_one(args: argparse.Namespace, vae_path: Path, overrides: dict[str, Any],
         seconds = time.perf_counter() - start
     final = json.loads((run_dir / "final_metrics.json").read_text())
     row: dict[str, Any] = {"train_seconds": seconds, "final": final}
-    columns = [("sampler", None, "exact")] + [(f"sir{m}_{w}", m, w) for m in args.sir for w in args.sir_weights]
-    fid = dict(fid_samples=args.fid, fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir)
-    for label, sir, weights in columns:
-        req = EvalRequest(mmd=True, mmd_samples=args.mmd_samples, split=args.split, sir=sir, sir_weights=weights,
-                          seed=seed, **fid)
+    for label, req in column_requests(args, seed):
         metrics = evaluate_checkpoint(ckpt, req, ctx.device)["metrics"]
         top = metrics["mmd"]["top"]
         row[label] = {"mmd2_multi": top["mmd2_multi"], "stderr": top["mmd2_multi_stderr"],
@@ -98,6 +102,7 @@ def run_one(args: argparse.Namespace, vae_path: Path, overrides: dict[str, Any],
         if args.fid:
             row[label]["fid"] = metrics["fid"]["fid"]
     if args.fid:
+        fid = dict(fid_samples=args.fid, fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir)
         row["gaussian_fid"] = evaluate_checkpoint(ckpt, EvalRequest(prior="gaussian", seed=seed, **fid),
                                                   ctx.device)["metrics"]["fid"]["fid"]
     return row

@@ -1,4 +1,5 @@
-"""The aggregate posterior of the top group as a prior: the ceiling of what any top-group prior can reach.
+"""Priors read off the aggregate posterior of the top group: its samples (the ceiling of what any top-group
+prior can reach) and its Gaussian fit (the simplest learned prior, which any learned prior should beat).
 
 A learned prior for z_1 is trained to match the aggregate posterior q(z_1) = E_x q(z_1 | x) of the training
 images. Drawing z_1 from a bank of such posterior samples (and the lower groups from NVAE's conditional
@@ -17,26 +18,61 @@ from evalp_prior.evaluation import posterior_and_prior_draws
 from nvae.model import NVAE
 
 
+def _check_bank(bank: torch.Tensor) -> None:
+    if bank.dim() != 4 or bank.shape[0] == 0:
+        raise ValueError(f"the bank must be a non-empty (N, C, H, W) tensor of top-group samples, got {tuple(bank.shape)}")
+
+
+def _check_shape(shape: torch.Size, mu_p: torch.Tensor, temperature: float) -> None:
+    if temperature != 1.0:
+        raise ValueError(f"a prior read off posterior samples has no temperature; asked for {temperature}")
+    if mu_p.shape[1:] != shape:
+        raise ValueError(f"the bank holds z_1 of shape {tuple(shape)}, the NVAE asks for {tuple(mu_p.shape[1:])}")
+
+
 class AggregatePosteriorPrior:
     """PriorHook drawing z_1 uniformly (with replacement) from a bank of posterior samples; None below it."""
 
     def __init__(self, bank: torch.Tensor):
-        if bank.dim() != 4 or bank.shape[0] == 0:
-            raise ValueError(f"the bank must be a non-empty (N, C, H, W) tensor of top-group samples, got {tuple(bank.shape)}")
+        _check_bank(bank)
         self.bank = bank
 
     def sample_group(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
                      temperature: float) -> Optional[torch.Tensor]:
         if group != 0:
             return None
-        if mu_p.shape[1:] != self.bank.shape[1:]:
-            raise ValueError(f"the bank holds z_1 of shape {tuple(self.bank.shape[1:])}, the NVAE asks for "
-                             f"{tuple(mu_p.shape[1:])}")
+        _check_shape(self.bank.shape[1:], mu_p, temperature)
         rows = torch.randint(self.bank.shape[0], (mu_p.shape[0],), device=self.bank.device)
         return self.bank[rows].to(device=mu_p.device, dtype=mu_p.dtype)
 
     def settings(self) -> dict[str, int]:
         return {"bank_size": int(self.bank.shape[0])}
+
+
+class PosteriorGaussianPrior:
+    """PriorHook drawing z_1 from the full-covariance Gaussian fitted (mean, covariance) to a bank of posterior
+    samples; None below it. Where a prior hole is a matter of second moments, this closed-form fit closes it."""
+
+    def __init__(self, bank: torch.Tensor):
+        _check_bank(bank)
+        if bank[0].numel() >= bank.shape[0]:
+            raise ValueError(f"a covariance of {bank[0].numel()} dimensions needs more than {bank.shape[0]} samples")
+        flat = bank.flatten(1).double()
+        self.shape, self.bank_size = bank.shape[1:], int(bank.shape[0])
+        self.mean = flat.mean(0)
+        self.scale_tril = torch.linalg.cholesky(torch.cov(flat.T))
+
+    def sample_group(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
+                     temperature: float) -> Optional[torch.Tensor]:
+        if group != 0:
+            return None
+        _check_shape(self.shape, mu_p, temperature)
+        eps = torch.randn(mu_p.shape[0], self.mean.numel(), dtype=self.mean.dtype, device=self.mean.device)
+        z = self.mean + eps @ self.scale_tril.T
+        return z.view(mu_p.shape).to(device=mu_p.device, dtype=mu_p.dtype)
+
+    def settings(self) -> dict[str, int]:
+        return {"bank_size": self.bank_size}
 
 
 def aggregate_posterior_bank(vae: NVAE, dataset: Dataset, first: int, count: int, batch_size: int, binarize: bool,

@@ -1,11 +1,12 @@
-"""The aggregate-posterior ceiling row: it draws z_1 from its bank only, and the bank is the posterior's z_1."""
+"""The priors read off the aggregate posterior: the ceiling row draws z_1 from its bank only, the bank is the
+posterior's z_1, and the Gaussian fit draws with the bank's mean and covariance."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from evalp_prior.evaluation import posterior_and_prior_draws
-from evalp_prior.oracle import AggregatePosteriorPrior, aggregate_posterior_bank
+from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank
 from nvae.data import get_dataset
 from nvae.trained import load_trained_nvae
 from tests.helpers import CPU
@@ -39,12 +40,30 @@ def test_oracle_draws_only_bank_rows_for_the_top_group_and_declines_the_rest():
     assert prior.sample_group(1, torch.zeros(5, 4, 6, 6), torch.zeros(5, 2, 6, 6), torch.ones(5, 2, 6, 6), 1.0) is None
 
 
+def test_posterior_gaussian_draws_with_the_banks_mean_and_covariance():
+    torch.manual_seed(0)
+    mixing = torch.randn(12, 12) / 3
+    bank = (torch.randn(4000, 12) @ mixing.T + torch.linspace(-1, 1, 12)).view(4000, 3, 2, 2)
+    prior = PosteriorGaussianPrior(bank)
+    n = 200_000
+    z = prior.sample_group(0, torch.zeros(n, 4, 2, 2), torch.zeros(n, 3, 2, 2), torch.ones(n, 3, 2, 2), 1.0)
+    assert z.shape == (n, 3, 2, 2) and z.dtype == torch.float32
+    flat, draws = bank.flatten(1).double(), z.flatten(1).double()
+    torch.testing.assert_close(draws.mean(0), flat.mean(0), atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), torch.cov(flat.T), atol=0.03, rtol=0)  # ~5 standard errors
+    assert prior.sample_group(1, torch.zeros(5, 4, 4, 4), torch.zeros(5, 3, 4, 4), torch.ones(5, 3, 4, 4), 1.0) is None
+    with pytest.raises(ValueError, match="more than"):
+        PosteriorGaussianPrior(bank[:12])  # a singular covariance
+
+
 def test_oracle_rejects_a_bank_of_the_wrong_shape():
     with pytest.raises(ValueError, match="non-empty"):
         AggregatePosteriorPrior(torch.zeros(0, 2, 3, 3))
     prior = AggregatePosteriorPrior(torch.zeros(4, 2, 3, 3))
     with pytest.raises(ValueError, match=r"\(2, 3, 3\)"):
         prior.sample_group(0, torch.zeros(1, 4, 4, 4), torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4), 1.0)
+    with pytest.raises(ValueError, match="no temperature"):
+        prior.sample_group(0, torch.zeros(1, 4, 3, 3), torch.zeros(1, 2, 3, 3), torch.ones(1, 2, 3, 3), 0.8)
 
 
 def test_bank_is_the_posterior_of_the_chosen_images_and_sampling_uses_it(vae_checkpoint):
