@@ -215,16 +215,6 @@ def _rows(args: argparse.Namespace, setups: dict[str, Any]) -> list[tuple[str, A
     return rows
 
 
-def _bank_images(args: argparse.Namespace, train_size: int) -> tuple[int, int]:
-    """(first, count) of the training images of the aggregate-posterior bank: the ones right after the FID
-    reference images, so that the row is never scored against its own reconstructions."""
-    first = args.fid_ref_images
-    if first + args.oracle_images > train_size:
-        raise SystemExit(f"--oracle-images {args.oracle_images} after the {first} reference images needs "
-                         f"{first + args.oracle_images} training images, the data set has {train_size}")
-    return first, args.oracle_images
-
-
 def interleaved_timing(rows: list[tuple[str, Any, Any]], vae: NVAE, args: argparse.Namespace,
                        device: torch.device) -> dict[str, dict[str, Any]]:
     """Seconds per image of every row's NVAE.sample at one batch size, timed round-robin (one call per row
@@ -284,8 +274,12 @@ def run_seed(args: argparse.Namespace) -> None:
     results = {label: _cached(args.out / "eval" / f"{label}.json", {**settings, "checkpoint": str(checkpoints.get(label.split("+")[0], args.vae))},
                               lambda h=hook, b=bn: evaluate_prior(res, h, b)) for label, hook, bn in rows}
     if args.oracle_images:
-        first, count = _bank_images(args, len(res.split("train")))
-        bank = aggregate_posterior_bank(vae, res.split("train"), first, count, 64, res.binarize(), ctx.device)
+        # The training images right after the FID reference ones: a row never scored against its own reconstructions.
+        first, count = args.fid_ref_images, args.oracle_images
+        try:
+            bank = aggregate_posterior_bank(vae, res.split("train"), first, count, 64, res.binarize(), ctx.device)
+        except ValueError as exc:
+            raise SystemExit(f"--oracle-images {count} after the {first} reference images: {exc}") from exc
         for label, kind in REFERENCE_ROWS.items():
             hook = kind(bank)
             results[label] = _cached(args.out / "eval" / f"{label}.json",

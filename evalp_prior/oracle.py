@@ -23,7 +23,7 @@ def _check_bank(bank: torch.Tensor) -> None:
         raise ValueError(f"the bank must be a non-empty (N, C, H, W) tensor of top-group samples, got {tuple(bank.shape)}")
 
 
-def _check_shape(shape: torch.Size, mu_p: torch.Tensor, temperature: float) -> None:
+def _check_request(shape: torch.Size, mu_p: torch.Tensor, temperature: float) -> None:
     if temperature != 1.0:
         raise ValueError(f"a prior read off posterior samples has no temperature; asked for {temperature}")
     if mu_p.shape[1:] != shape:
@@ -41,7 +41,7 @@ class AggregatePosteriorPrior:
                      temperature: float) -> Optional[torch.Tensor]:
         if group != 0:
             return None
-        _check_shape(self.bank.shape[1:], mu_p, temperature)
+        _check_request(self.bank.shape[1:], mu_p, temperature)
         rows = torch.randint(self.bank.shape[0], (mu_p.shape[0],), device=self.bank.device)
         return self.bank[rows].to(device=mu_p.device, dtype=mu_p.dtype)
 
@@ -66,7 +66,7 @@ class PosteriorGaussianPrior:
                      temperature: float) -> Optional[torch.Tensor]:
         if group != 0:
             return None
-        _check_shape(self.shape, mu_p, temperature)
+        _check_request(self.shape, mu_p, temperature)
         eps = torch.randn(mu_p.shape[0], self.mean.numel(), dtype=self.mean.dtype, device=self.mean.device)
         z = self.mean + eps @ self.scale_tril.T
         return z.view(mu_p.shape).to(device=mu_p.device, dtype=mu_p.dtype)
