@@ -9,6 +9,7 @@ from typing import Any
 from nvae.config import RunCadence, require_settings
 
 from .objectives import GRADIENT_PENALTIES, ObjectiveConfig
+from .sampler import SAMPLER_AFFINE
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -50,6 +51,11 @@ class EVaLPConfig(FrozenPriorConfig):
     # Bound on each coupling's log-scale: 1 kept adversarial training stable on the toy, 3 let it overshoot.
     max_log_scale: float = 1.0  # bound on each coupling's log-scale
     sampler_mixing: bool = False  # invertible 1x1 channel mixing between the sampler's couplings (Glow)
+    # A full lower-triangular affine layer per group after the couplings: none, identity at the start, or
+    # started at the mean and covariance of the whitened posterior (z - mu_p) / sigma_p of moment_images
+    # training images, i.e. at the Gaussian fit of the aggregate posterior (docs/results.md, section 0c).
+    sampler_affine: str = "none"  # per-group affine layer of the sampler: none | identity | moments (posterior fit)
+    moment_images: int = 4096  # training images whose posterior starts the affine layer (--sampler-affine moments)
     n_critic: int = 5  # energy steps per sampler step
     lambda_gp: float = 10.0  # gradient-penalty weight lambda in the energy loss
     gradient_penalty: str = "two-sided"  # two-sided (WGAN-GP) | one-sided | r1 (zero-centred, on positives)
@@ -75,13 +81,15 @@ class EVaLPConfig(FrozenPriorConfig):
         """Raise ValueError naming the flag of the first impossible setting (cadence is checked by the loop)."""
         require_settings(self, positive=("sample_temperature", "max_log_scale"),
                          at_least_one=("energy_hidden", "sampler_hidden", "num_couplings", "embed_dim", "n_critic",
-                                       "eval_batches"),
+                                       "eval_batches", "moment_images"),
                          non_negative=("lambda_gp", "kl_weight", "bn_readjust_batches", "critic_warmup_steps",
                                        "eval_sir_proposals"))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.gradient_penalty not in GRADIENT_PENALTIES:
             raise ValueError(f"--gradient-penalty must be one of {GRADIENT_PENALTIES}, got {self.gradient_penalty!r}")
+        if self.sampler_affine not in SAMPLER_AFFINE:
+            raise ValueError(f"--sampler-affine must be one of {SAMPLER_AFFINE}, got {self.sampler_affine!r}")
         if not 0 <= self.sampler_ema < 1:
             raise ValueError(f"--sampler-ema must be in [0, 1), got {self.sampler_ema}")
 

@@ -7,6 +7,7 @@ density log q_alpha(z_l | h_l) = log N(eps) - log|det df/deps| - sum log sigma_l
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -126,6 +127,62 @@ class ChannelMix(nn.Module):
         return self._multiply(y, torch.linalg.inv(weight.double())), -self._logdet(weight, y)
 
 
+class GroupAffine(nn.Module):
+    """u -> b + L u on one group's flattened latent, L lower-triangular with a positive diagonal.
+
+    The couplings are local (3x3 convolutions on channel halves), so correlations between distant positions
+    and channels, which is what a prior hole of second moments is made of, are slow for them to learn; this
+    layer holds them directly. Identity at initialisation; ``set_moments`` starts it at a Gaussian's mean and
+    Cholesky factor instead. log|det| = sum log diag L; the inverse is one triangular solve. Computed in at
+    least float32 with autocast off: densities stay exact.
+    """
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(dims))
+        self.lower = nn.Parameter(torch.zeros(dims, dims))  # only its strictly lower triangle is used
+        self.log_diag = nn.Parameter(torch.zeros(dims))
+
+    def scale_tril(self) -> torch.Tensor:
+        """L (dims, dims)."""
+        return torch.tril(self.lower, -1) + torch.diag(self.log_diag.exp())
+
+    @torch.no_grad()
+    def set_moments(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        """Make the layer map N(0, I) to N(mean, covariance) (covariance positive definite)."""
+        tril = torch.linalg.cholesky(covariance.double())
+        self.shift.copy_(mean)
+        self.lower.copy_(tril)
+        self.log_diag.copy_(tril.diagonal().log())
+
+    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
+        return self.log_diag.to(x.dtype).sum().expand(x.shape[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """b + L x (x of any shape (rows, ...)) and log|det| (rows,)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = torch.addmm(self.shift.to(x.dtype), x.flatten(1), self.scale_tril().to(x.dtype).T)
+        return y.view_as(x), self._logdet(x)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L^-1 (y - b) and log|det| of the inverse (rows,)."""
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            centred = (y.flatten(1) - self.shift.to(y.dtype)).T
+            x = torch.linalg.solve_triangular(self.scale_tril().to(y.dtype), centred, upper=False).T
+        return x.reshape(y.shape), -self._logdet(y)
+
+
+SAMPLER_AFFINE = ("none", "identity", "moments")
+
+
+@dataclass
+class Conditioning:
+    """What the flow needs of an item batch's context: the group and each coupling's term (B, hidden, H, W)."""
+
+    group: int
+    terms: list[torch.Tensor]
+
+
 class SharedFlowSampler(nn.Module):
     """One conditional flow for all EVaLP groups: z = mu_p + sigma_p * f(eps; h, l).
 
@@ -144,6 +201,9 @@ class SharedFlowSampler(nn.Module):
     Each coupling's log-scale is bounded by ``max_log_scale``; the default 1 (so each channel half is
     rescaled by at most e^(num_couplings / 2) overall) kept adversarial training stable in the toy tests,
     where a bound of 3 let the sampler overshoot.
+
+    ``group_affine`` adds a GroupAffine per group after the couplings, f = A_l o couplings, identity at
+    initialisation (``set_group_moments`` moves it); it is unconditional: the couplings carry h_l.
     """
 
     def __init__(
@@ -155,6 +215,7 @@ class SharedFlowSampler(nn.Module):
         embed_dim: int = 16,
         max_log_scale: float = 1.0,
         channel_mixing: bool = False,
+        group_affine: bool = False,
     ) -> None:
         super().__init__()
         if not groups:
@@ -187,6 +248,15 @@ class SharedFlowSampler(nn.Module):
         )
         # Optional invertible channel mixing before every coupling but the first (identity at initialisation).
         self.mixes = nn.ModuleList(ChannelMix(self.channels) for _ in range(num_couplings - 1)) if channel_mixing else None
+        self.affines = (nn.ModuleDict({str(g): GroupAffine(math.prod(specs[g].shape)) for g in self.groups})
+                        if group_affine else None)
+
+    def set_group_moments(self, group: int, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        """Start group's affine layer at N(mean, covariance) of the flattened u = (z - mu_p) / sigma_p: with
+        identity couplings the sampler then draws z_l with those whitened moments."""
+        if self.affines is None:
+            raise ValueError("this sampler has no per-group affine layer (group_affine=False)")
+        self.affines[str(group)].set_moments(mean, covariance)
 
     def compile_couplings(self) -> None:
         """torch.compile every coupling's conditioner (``--compile``): a few narrow convolutions and an
@@ -196,25 +266,28 @@ class SharedFlowSampler(nn.Module):
         for coupling in self.couplings:
             coupling.compiled_params = params
 
-    def condition(self, h: torch.Tensor, group: int) -> list[torch.Tensor]:
+    def condition(self, h: torch.Tensor, group: int) -> Conditioning:
         """Each coupling's conditioning term (B, hidden, H, W) for the items of h: computed once per item
         and shared by all of an item's draws (``flow_conditioned``; SIR draws many per item)."""
         if group not in self._row:
             raise KeyError(f"group {group} is not sampled by this flow; its groups are {self.groups}")
         terms = self.context[str(self._scale[group])](h)  # (B, K * hidden, H, W)
         emb = self.embedding_proj(self.embedding.weight[self._row[group]]).to(terms.dtype)  # (K * hidden,)
-        return list((terms + emb.view(1, -1, 1, 1)).split(self.hidden, dim=1))
+        return Conditioning(group, list((terms + emb.view(1, -1, 1, 1)).split(self.hidden, dim=1)))
 
-    def flow_conditioned(self, eps: torch.Tensor, terms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def flow_conditioned(self, eps: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
         """u = f(eps) and log|det du/deps| (rows,), both in at least float32, for eps (k * B, C, H, W)
         holding k draws per item (row j * B + i is item i) and ``condition``'s output for the B items."""
         x = _at_least_f32(eps)
         logdet = x.new_zeros(x.shape[0])
-        for k, (coupling, term) in enumerate(zip(self.couplings, terms)):
+        for k, (coupling, term) in enumerate(zip(self.couplings, cond.terms)):
             if self.mixes is not None and k > 0:
                 x, ld = self.mixes[k - 1](x)
                 logdet = logdet + ld
             x, ld = coupling(x, term)
+            logdet = logdet + ld
+        if self.affines is not None:
+            x, ld = self.affines[str(cond.group)](x)
             logdet = logdet + ld
         return x, logdet
 
@@ -224,9 +297,11 @@ class SharedFlowSampler(nn.Module):
 
     def inverse(self, u: torch.Tensor, h: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eps = f^{-1}(u; h, group) and log|det deps/du| (B,), both in at least float32."""
-        terms = self.condition(h, group)
+        terms = self.condition(h, group).terms
         x = _at_least_f32(u)
         logdet = x.new_zeros(x.shape[0])
+        if self.affines is not None:
+            x, logdet = self.affines[str(group)].inverse(x)
         for k in reversed(range(len(self.couplings))):
             x, ld = self.couplings[k].inverse(x, terms[k])
             logdet = logdet + ld

@@ -51,7 +51,7 @@ def build_prior_modules(cfg: EVaLPConfig, vae: NVAE) -> tuple[list[int], EnergyS
     energies = EnergySet(vae.group_specs, groups, cfg.energy_hidden, cfg.share_energy_within_scale,
                          cfg.energy_spectral_norm, whiten=cfg.whiten_critic)
     sampler = SharedFlowSampler(vae.group_specs, groups, cfg.sampler_hidden, cfg.num_couplings, cfg.embed_dim,
-                                cfg.max_log_scale, cfg.sampler_mixing)
+                                cfg.max_log_scale, cfg.sampler_mixing, group_affine=cfg.sampler_affine != "none")
     return groups, energies, sampler
 
 
@@ -79,6 +79,36 @@ def posterior_group_batches(vae: NVAE, x: torch.Tensor, groups: list[int], preci
                        out.groups[g].sigma_p.float()) for g in groups]
 
 
+# Fixed seed of the posterior draws that start the sampler's affine layers: the same start on every rank, and
+# again when a run resumes (the checkpoint then overwrites it), whatever the run's own seed.
+MOMENT_SEED = 2_718_281
+
+
+def whitened_posterior_moments(vae: NVAE, dataset: Dataset, groups: list[int], count: int, batch_size: int,
+                               binarize: bool, precision: Precision,
+                               device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per group, (mean (D,), covariance (D, D)) in float64 of the flattened u = (z_l - mu_p) / sigma_p over one
+    posterior sample of each of the first ``count`` images of dataset: the whitened aggregate posterior's
+    Gaussian fit, which ``SharedFlowSampler.set_group_moments`` starts the sampler at."""
+    if not 0 < count <= len(dataset):
+        raise ValueError(f"--moment-images must be in 1..{len(dataset)} (the training split), got {count}")
+    sums: dict[int, list[torch.Tensor]] = {g: [] for g in groups}
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(MOMENT_SEED)
+        for start in range(0, count, batch_size):  # no DataLoader: its iterator would draw from the seeded stream
+            batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
+            for b in posterior_group_batches(vae, binarize_if_needed(batch, binarize), groups, precision):
+                sums[b.group].append(((b.z_pos - b.mu_p) / b.sigma_p).flatten(1).double().cpu())
+    moments = {}
+    for g, parts in sums.items():
+        u = torch.cat(parts)
+        if u.shape[1] >= u.shape[0]:
+            raise ValueError(f"group {g} has {u.shape[1]} dimensions: its covariance needs more than "
+                             f"{u.shape[0]} --moment-images")
+        moments[g] = (u.mean(0), torch.cov(u.T))
+    return moments
+
+
 def embedded_vae_state(vae: NVAE, vae_cfg: NVAERunConfig) -> dict[str, Any]:
     """The frozen NVAE's config and weights, stored in a prior's checkpoint so that it samples on its own."""
     return {"config": vae_cfg.to_json(), "model": vae.state_dict()}
@@ -103,13 +133,21 @@ class EVaLPTask:
     kind = KIND
 
     def __init__(self, run_cfg: EVaLPRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext,
-                 test_set: Dataset, binarize: bool, logger: RunLogger, total_steps: int):
+                 test_set: Dataset, binarize: bool, logger: RunLogger, total_steps: int,
+                 train_set: Optional[Dataset] = None):
         cfg = run_cfg.evalp
         self.run_cfg, self.cfg, self.vae, self.vae_cfg = run_cfg, cfg, vae, vae_cfg
         self.ctx, self.test_set, self.binarize, self.logger = ctx, test_set, binarize, logger
         vae.eval().requires_grad_(False)
         self.groups, energies, sampler = build_prior_modules(cfg, vae)
         self.energies, self.sampler = energies.to(ctx.device), sampler.to(ctx.device)
+        if cfg.sampler_affine == "moments":  # before the moving average and DDP copy the sampler
+            if train_set is None:
+                raise ValueError("--sampler-affine moments needs the training split to start from")
+            moments = whitened_posterior_moments(vae, train_set, self.groups, cfg.moment_images, cfg.batch_size,
+                                                 binarize, Precision.create(cfg.precision, ctx.device), ctx.device)
+            for g, (mean, covariance) in moments.items():
+                self.sampler.set_group_moments(g, mean, covariance)
         if cfg.compile:  # not the energies: their gradient penalty differentiates twice, which compiling cannot
             self.sampler.compile_couplings()
         # Separate DDP modules: the energy and the sampler have separate backward passes.
@@ -223,7 +261,7 @@ def train_frozen_prior(task_cls: Callable[..., Any], run_cfg: Any, cfg: FrozenPr
     """Train a prior on a frozen NVAE (EVaLP or a baseline) with the shared loop, to completion or pre-emption;
     writes checkpoints, samples.png and final_metrics.json.
 
-    ``task_cls(run_cfg, vae, vae_cfg, ctx, test_set, binarize, logger, total_steps)`` builds the task (with ``describe``,
+    ``task_cls(run_cfg, vae, vae_cfg, ctx, test_set, binarize, logger, total_steps, train_set)`` builds the task (with ``describe``,
     ``prior`` and ``last_metrics`` beyond the loop's TrainTask); ``cfg`` is run_cfg's prior settings.
     """
     tc = vae_cfg.train
@@ -236,7 +274,7 @@ def train_frozen_prior(task_cls: Callable[..., Any], run_cfg: Any, cfg: FrozenPr
     total_steps = planned_steps(cfg, per_epoch)
     if cfg.compile:
         vae.compile_cells()
-    task = task_cls(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger, total_steps)
+    task = task_cls(run_cfg, vae, vae_cfg, ctx, test_set, info.binarize, logger, total_steps, train_set)
     logger.info(f"{task.describe()}; {total_steps} steps on {ctx.world_size} process(es), {cfg.precision}")
     status = run_training(task, train_set, ctx, loop_settings(cfg, total_steps), run_dir, logger, resume, stop)
     if status == 0 and ctx.is_main:

@@ -35,12 +35,22 @@ def _inputs(spec: GroupSpec, batch: int, dtype=torch.float32, seed: int = 0):
     return mu, sigma, h
 
 
-def _randomised_sampler(dtype=torch.float64, channel_mixing: bool = False) -> SharedFlowSampler:
-    """A sampler whose zero-initialised conditioner outputs (and channel mixes) are randomised, so f is not
-    the identity."""
+def _random_covariance(dims: int, generator: torch.Generator) -> torch.Tensor:
+    """A well-conditioned, strongly correlated SPD matrix (dims, dims) in float64."""
+    a = torch.randn(dims, dims, generator=generator, dtype=torch.float64)
+    return a @ a.T / dims + 0.2 * torch.eye(dims, dtype=torch.float64)
+
+
+# The sampler's optional layers: none, Glow's channel mixing, the per-group affine layer.
+LAYOUTS = ["couplings", "mixing", "affine"]
+
+
+def _randomised_sampler(dtype=torch.float64, layout: str = "couplings") -> SharedFlowSampler:
+    """A sampler whose zero-initialised conditioner outputs (and channel mixes, affine layers) are randomised,
+    so f is not the identity."""
     torch.manual_seed(0)
     sampler = SharedFlowSampler(SPECS, [0, 1, 2], hidden=8, num_couplings=4, embed_dim=3,
-                                channel_mixing=channel_mixing)
+                                channel_mixing=layout == "mixing", group_affine=layout == "affine")
     with torch.no_grad():
         for coupling in sampler.couplings:
             last = coupling.net[-1]
@@ -48,6 +58,12 @@ def _randomised_sampler(dtype=torch.float64, channel_mixing: bool = False) -> Sh
             last.bias.normal_(0, 0.3)
         for mix in sampler.mixes or []:
             mix.delta.normal_(0, 0.3)
+    if layout == "affine":
+        g = torch.Generator().manual_seed(1)
+        for group in sampler.groups:
+            dims = math.prod(SPECS[group].shape)
+            sampler.set_group_moments(group, torch.randn(dims, generator=g, dtype=torch.float64),
+                                      _random_covariance(dims, g))
     return sampler.to(dtype)
 
 
@@ -67,9 +83,9 @@ def test_energy_is_per_sample_and_shares_within_scale():
         EnergySet(SPECS, [0], hidden=8)(1, mu, h)
 
 
-@pytest.mark.parametrize("channel_mixing", [False, True])
-def test_flow_logdet_matches_autograd_jacobian(channel_mixing):
-    sampler = _randomised_sampler(channel_mixing=channel_mixing)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_flow_logdet_matches_autograd_jacobian(layout):
+    sampler = _randomised_sampler(layout=layout)
     for group in (0, 2):
         spec = SPECS[group]
         _, _, h = _inputs(spec, 1, torch.float64, seed=group)
@@ -82,9 +98,9 @@ def test_flow_logdet_matches_autograd_jacobian(channel_mixing):
         torch.testing.assert_close(logdet, expected.reshape(1), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("channel_mixing", [False, True])
-def test_inverse_and_log_prob_round_trip(channel_mixing):
-    sampler = _randomised_sampler(channel_mixing=channel_mixing)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inverse_and_log_prob_round_trip(layout):
+    sampler = _randomised_sampler(layout=layout)
     mu, sigma, h = _inputs(SPECS[2], 4, torch.float64)
     eps = torch.randn_like(mu)
     u, logdet = sampler.flow(eps, h, 2)
@@ -119,8 +135,9 @@ def test_log_prob_is_a_normalised_density():
     assert abs(mass.item() - 1.0) < 1e-3
 
 
-def test_identity_at_init_reproduces_nvae_draw_bit_for_bit():
-    sampler = SharedFlowSampler(SPECS, [0, 1, 2], hidden=8)
+@pytest.mark.parametrize("group_affine", [False, True])
+def test_identity_at_init_reproduces_nvae_draw_bit_for_bit(group_affine):
+    sampler = SharedFlowSampler(SPECS, [0, 1, 2], hidden=8, group_affine=group_affine)
     mu, sigma, h = _inputs(SPECS[2], 6)
     for temperature in (1.0, 0.7):
         torch.manual_seed(123)
@@ -136,8 +153,35 @@ def test_identity_at_init_reproduces_nvae_draw_bit_for_bit():
     assert torch.equal(logdet, torch.zeros(6))
 
 
-def test_densities_stay_float32_under_autocast():
-    sampler = _randomised_sampler(torch.float32)
+def test_affine_layer_started_at_moments_draws_them():
+    # With identity couplings, u = (z - mu_p) / sigma_p = b + L eps must have the set mean and covariance,
+    # across positions and channels: the correlations the couplings alone are slow to learn.
+    spec = SPECS[2]
+    dims = math.prod(spec.shape)
+    g = torch.Generator().manual_seed(3)
+    mean, covariance = torch.randn(dims, generator=g, dtype=torch.float64), _random_covariance(dims, g)
+    sampler = SharedFlowSampler(SPECS, [0, 2], hidden=8, group_affine=True).double()
+    sampler.set_group_moments(2, mean, covariance)
+    n = 40000
+    mu, sigma, h = _inputs(spec, n, torch.float64)
+    torch.manual_seed(4)
+    z, log_q = sampler(mu, sigma, h, 2)
+    u = ((z - mu) / sigma).flatten(1)
+    assert (u.mean(0) - mean).abs().max() < 5 * (covariance.diagonal().max() / n) ** 0.5
+    assert (torch.cov(u.T) - covariance).abs().max() < 0.05
+    # log q is the Gaussian N(mu + sigma b, sigma L L^T sigma) density of z.
+    expected = torch.distributions.MultivariateNormal(mean, covariance).log_prob(u) - sigma.log().flatten(1).sum(1)
+    torch.testing.assert_close(log_q, expected)
+    # The other group keeps its identity layer; a sampler without affine layers refuses moments.
+    eps = torch.randn(2, *SPECS[0].shape, dtype=torch.float64)
+    assert torch.equal(sampler.flow(eps, torch.zeros(2, 6, 2, 2, dtype=torch.float64), 0)[0], eps)
+    with pytest.raises(ValueError, match="no per-group affine layer"):
+        SharedFlowSampler(SPECS, [0], hidden=8).set_group_moments(0, mean[:16], covariance[:16, :16])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_densities_stay_float32_under_autocast(layout):
+    sampler = _randomised_sampler(torch.float32, layout)
     mu, sigma, h = _inputs(SPECS[2], 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z, log_q = sampler(mu, sigma, h, 2)

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig
-from evalp_prior.train import EVaLPTask, build_prior_modules, load_evalp, train_evalp, vae_fingerprint
+from evalp_prior.train import MOMENT_SEED, EVaLPTask, build_prior_modules, load_evalp, train_evalp, vae_fingerprint
 from nvae.data import get_dataset, held_out_part
 from nvae.runtime import RunLogger, load_checkpoint
 from nvae.runtime.signals import PREEMPTED_EXIT_CODE
@@ -79,7 +79,10 @@ def test_zero_energy_identity_sampler_reproduces_nvae_bit_for_bit(vae_checkpoint
 
 
 @pytest.mark.parametrize("extra", [{}, {"sampler_ema": 0.9, "whiten_critic": True, "sampler_mixing": True,
-                                      "gradient_penalty": "one-sided", "critic_warmup_steps": 1}])
+                                      "gradient_penalty": "one-sided", "critic_warmup_steps": 1},
+                                   # the synthetic split's 256 images fit the top group's covariance only
+                                   {"groups": "top", "sampler_ema": 0.9, "sampler_affine": "moments",
+                                    "moment_images": 256}])
 def test_stage2_resume_equals_uninterrupted_run(tmp_path, vae_checkpoint, extra):
     assert _train(tmp_path / "full", vae_checkpoint, extra)[0] == 0
     assert _train(tmp_path / "split", vae_checkpoint, extra, stop=StopAt(3))[0] == PREEMPTED_EXIT_CODE
@@ -161,6 +164,36 @@ def _one_step_gradients(task: EVaLPTask, batch: torch.Tensor) -> dict[str, list[
     task._backward_and_step = recording
     assert task.train_step(batch, 0) is not None
     return grads
+
+
+def test_moment_start_puts_the_sampler_at_the_whitened_posterior_fit(vae_checkpoint):
+    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
+    train_set, count = get_dataset("synthetic", "train"), 256
+    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+    torch.manual_seed(0)
+    task = EVaLPTask(_stage2_config(vae, groups="top", sampler_affine="moments", moment_images=count, sampler_ema=0.9),
+                     vae, vae_cfg, CPU, validation, False, RunLogger(".", False), 6, train_set)
+    # Brute force: one posterior draw per image, batch by batch as the task's batch size, from the moment seed.
+    torch.manual_seed(MOMENT_SEED)
+    with torch.no_grad():
+        draws = [vae.posterior(torch.stack([train_set[i] for i in range(start, start + 8)])).groups
+                 for start in range(0, count, 8)]
+    for g in task.groups:
+        u = torch.cat([((d[g].z - d[g].mu_p) / d[g].sigma_p).flatten(1) for d in draws]).double()
+        affine = task.sampler.affines[str(g)]
+        torch.testing.assert_close(affine.shift.double(), u.mean(0), rtol=1e-5, atol=1e-6)
+        fitted = affine.scale_tril().double()
+        torch.testing.assert_close(fitted @ fitted.T, torch.cov(u.T), rtol=1e-4, atol=1e-5)
+        assert (fitted - torch.eye(len(fitted), dtype=torch.float64)).abs().max() > 0.1  # it moved
+    # Generation's moving average starts from the moment-started sampler, not from the identity.
+    for a, b in zip(task.sampler.state_dict().values(), task.generation_sampler().state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs the training split"):
+        EVaLPTask(_stage2_config(vae, sampler_affine="moments"), vae, vae_cfg, CPU, validation, False,
+                  RunLogger(".", False), 6)
+    with pytest.raises(ValueError, match="dimensions: its covariance needs more than 8"):
+        EVaLPTask(_stage2_config(vae, groups="top", sampler_affine="moments", moment_images=8), vae, vae_cfg, CPU, validation,
+                  False, RunLogger(".", False), 6, train_set)
 
 
 def _stage2_task(vae_path: str, ctx) -> tuple[EVaLPTask, torch.Tensor]:

@@ -77,7 +77,8 @@ class BaselineTask:
     kind = "baseline"
 
     def __init__(self, run_cfg: BaselineRunConfig, vae: NVAE, vae_cfg: NVAERunConfig, ctx: DistContext,
-                 test_set: Dataset, binarize: bool, logger: RunLogger, total_steps: int):
+                 test_set: Dataset, binarize: bool, logger: RunLogger, total_steps: int,
+                 train_set: Optional[Dataset] = None):  # train_set: EVaLP's signature; no baseline starts from data
         cfg = run_cfg.prior
         self.run_cfg, self.cfg, self.vae, self.vae_cfg = run_cfg, cfg, vae, vae_cfg
         self.ctx, self.test_set, self.binarize, self.logger = ctx, test_set, binarize, logger
