@@ -55,6 +55,7 @@ from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
+from nvae.data.base import HELD_OUT_SEED  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
 from nvae.runtime import RunLogger, init_distributed, load_checkpoint, save_text_atomic, seed_everything  # noqa: E402
 from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
@@ -269,8 +270,9 @@ def run_seed(args: argparse.Namespace) -> None:
     req = EvalRequest(fid_samples=args.fid_samples, fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir,
                       mmd=True, mmd_samples=args.mmd_samples, bn_batches=args.bn_batches, split="test", seed=args.seed)
     res = EvalResources(vae, vae_cfg, ctx.device, req)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(req).items()
-                if k not in SPEED_ONLY_FIELDS}
+    # The held-out halves' definition is part of every cached row: rows measured on other halves are redone.
+    settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(req).items()
+                   if k not in SPEED_ONLY_FIELDS}, "held_out_seed": HELD_OUT_SEED}
     results = {label: _cached(args.out / "eval" / f"{label}.json", {**settings, "checkpoint": str(checkpoints.get(label.split("+")[0], args.vae))},
                               lambda h=hook, b=bn: evaluate_prior(res, h, b)) for label, hook, bn in rows}
     if args.oracle_images:
@@ -290,7 +292,8 @@ def run_seed(args: argparse.Namespace) -> None:
     for label, hook, _ in rows[1:]:
         if "+sir" not in label or label.startswith("ncp"):
             densities.update({k: v for k, v in likelihood_priors(label.split("+")[0], hook).items() if v is not None})
-    nll_settings = {"K": args.nll, "images": args.nll_images, "split": "test", "seed": args.seed,
+    nll_settings = {"K": args.nll, "images": args.nll_images, "split": "test", "held_out_seed": HELD_OUT_SEED,
+                    "seed": args.seed,
                     "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
 
     def likelihood() -> dict[str, Any]:

@@ -88,24 +88,25 @@ def whitened_posterior_moments(vae: NVAE, dataset: Dataset, groups: list[int], c
                                binarize: bool, precision: Precision,
                                device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per group, (mean (D,), covariance (D, D)) in float64 of the flattened u = (z_l - mu_p) / sigma_p over one
-    posterior sample of each of the first ``count`` images of dataset: the whitened aggregate posterior's
-    Gaussian fit, which ``SharedFlowSampler.set_group_moments`` starts the sampler at."""
-    if not 0 < count <= len(dataset):
-        raise ValueError(f"--moment-images must be in 1..{len(dataset)} (the training split), got {count}")
-    sums: dict[int, list[torch.Tensor]] = {g: [] for g in groups}
+    posterior sample of each of the first ``count`` images of dataset (all of them when it holds fewer): the
+    whitened aggregate posterior's Gaussian fit, which ``SharedFlowSampler.set_group_moments`` starts the
+    sampler at. A group with at least as many dimensions as images gets the diagonal of its covariance (the
+    full one would be singular)."""
+    count = min(count, len(dataset))
+    if count < 2:
+        raise ValueError(f"the posterior moments need at least 2 training images, got {count}")
+    parts: dict[int, list[torch.Tensor]] = {g: [] for g in groups}
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(MOMENT_SEED)
         for start in range(0, count, batch_size):  # no DataLoader: its iterator would draw from the seeded stream
             batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
             for b in posterior_group_batches(vae, binarize_if_needed(batch, binarize), groups, precision):
-                sums[b.group].append(((b.z_pos - b.mu_p) / b.sigma_p).flatten(1).double().cpu())
+                parts[b.group].append(((b.z_pos - b.mu_p) / b.sigma_p).flatten(1).double().cpu())
     moments = {}
-    for g, parts in sums.items():
-        u = torch.cat(parts)
-        if u.shape[1] >= u.shape[0]:
-            raise ValueError(f"group {g} has {u.shape[1]} dimensions: its covariance needs more than "
-                             f"{u.shape[0]} --moment-images")
-        moments[g] = (u.mean(0), torch.cov(u.T))
+    for g, draws in parts.items():
+        u = torch.cat(draws)
+        covariance = torch.cov(u.T) if u.shape[1] < u.shape[0] else torch.diag(u.var(0))
+        moments[g] = (u.mean(0), covariance)
     return moments
 
 

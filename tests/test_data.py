@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nvae.data import DatasetError, available_datasets, build_lmdb_dataset, dataset_info, get_dataset, prepare_spec
+from nvae.data import (DatasetError, available_datasets, build_lmdb_dataset, dataset_info, get_dataset, held_out_part,
+                       prepare_spec)
 from nvae.data.lmdb_store import record_key
 from nvae.data.mnist import FASHION_DEBIAN_DIR, mnist_pickle_path
 from nvae.data.prepare import PrepareSpec, crop_box, load_image, split_indices
@@ -383,3 +384,16 @@ def test_lmdb_missing_directory_and_wrong_shape_for_celeba(tmp_path):
     with pytest.raises(DatasetError, match="ROOT must hold one directory per split"):
         get_dataset("celeba64", "train", root=str(path))
     assert prepare_spec("celeba64").crop == "celeba"
+
+
+def test_held_out_halves_are_disjoint_random_and_fixed():
+    split = torch.utils.data.TensorDataset(torch.arange(1000))
+    validation, test = (held_out_part(split, part) for part in ("validation", "test"))
+    assert sorted(validation.indices + test.indices) == list(range(1000)) and len(validation) == 500
+    assert held_out_part(split, "validation").indices == validation.indices  # the same halves every time
+    # Every prefix is a draw from the whole split, not from its first half (MNIST's index halves differ).
+    for half in (validation, test):
+        prefix = half.indices[:100]
+        assert 30 < sum(i < 500 for i in prefix) < 70
+    with pytest.raises(ValueError, match="held-out part"):
+        held_out_part(split, "train")
