@@ -2,7 +2,9 @@
 
 z_l = mu_l + sigma_l * f_alpha(eps; h_l, l), with f an invertible conditional flow of affine couplings
 that is exactly the identity at initialisation, so the sampler starts as NVAE's own prior and its
-density log q_alpha(z_l | h_l) = log N(eps) - log|det df/deps| - sum log sigma_l is exact.
+density log q_alpha(z_l | h_l) = log N(eps) - log|det df/deps| - sum log sigma_l is exact. With per-group
+affine layers (GroupAffine; stage 2's default ``--sampler-affine moments``) the flow starts instead at the
+Gaussian fit of the whitened aggregate posterior: the game did not learn its covariance (docs/results.md 0b, 0c).
 """
 from __future__ import annotations
 
