@@ -142,11 +142,14 @@ class EVaLPTask:
         vae.eval().requires_grad_(False)
         self.groups, energies, sampler = build_prior_modules(cfg, vae)
         self.energies, self.sampler = energies.to(ctx.device), sampler.to(ctx.device)
+        # One scaler per optimiser: each backward pass has its own loss scale under fp16.
+        self.energy_prec = Precision.create(cfg.precision, ctx.device)
+        self.sampler_prec = Precision.create(cfg.precision, ctx.device)
         if cfg.sampler_affine == "moments":  # before the moving average and DDP copy the sampler
             if train_set is None:
                 raise ValueError("--sampler-affine moments needs the training split to start from")
             moments = whitened_posterior_moments(vae, train_set, self.groups, cfg.moment_images, cfg.batch_size,
-                                                 binarize, Precision.create(cfg.precision, ctx.device), ctx.device)
+                                                 binarize, self.energy_prec, ctx.device)
             for g, (mean, covariance) in moments.items():
                 self.sampler.set_group_moments(g, mean, covariance)
         if cfg.compile:  # not the energies: their gradient penalty differentiates twice, which compiling cannot
@@ -159,9 +162,6 @@ class EVaLPTask:
         self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=cfg.lr_energy, betas=betas)
         self.sampler_opt = torch.optim.Adam(self.sampler.parameters(), lr=cfg.lr_sampler, betas=betas)
         self.schedules = [lr_schedule(opt, cfg.lr_schedule, total_steps) for opt in (self.energy_opt, self.sampler_opt)]
-        # One scaler per optimiser: each backward pass has its own loss scale under fp16.
-        self.energy_prec = Precision.create(cfg.precision, ctx.device)
-        self.sampler_prec = Precision.create(cfg.precision, ctx.device)
         self.objective = cfg.objective()
         self.last_metrics: dict[str, float] = {}
 
