@@ -381,6 +381,9 @@ def report(args: argparse.Namespace) -> None:
             t["s / image x1e3"] = _mean_std([1e3 * tm[label]["seconds_per_image"] for tm in timings])
             t["time / Gaussian"] = _mean_std([tm[label]["seconds_per_image"] / tm["gaussian"]["seconds_per_image"]
                                               for tm in timings])
+            # Every row runs the same decoder: what a prior adds to the Gaussian's time is its own sampling cost.
+            t["prior's own s / image x1e3"] = _mean_std([1e3 * (tm[label]["seconds_per_image"] - tm["gaussian"]["seconds_per_image"])
+                                                         for tm in timings])
         table[label] = t
     columns = list(table[labels[0]])
     lines = ["| prior | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
