@@ -25,7 +25,7 @@ against Inception features of the first --fid-ref-images training images (cached
 per group +- fold standard error against --mmd-samples encoded images of the TEST half (second half of the
 test split), one posterior-set kernel for every row; importance-weighted NLL and ELBO (K = --nll) on
 --nll-images test-half images for every prior with a density, all on the same posterior samples; the NCP
-classifier's accuracy on the validation half as the hole detector; seconds per image timed round-robin.
+classifier's accuracy on --mmd-samples validation-half images as the hole detector; seconds per image timed round-robin.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 from benchmarks.figures import plot_bars, plot_prior_hole, plot_sample_grids  # noqa: E402
 from evalp_prior.baselines import langevin_run_config, ncp_run_config, train_langevin, train_ncp  # noqa: E402
+from evalp_prior.baselines.ncp import hole_detector_accuracy, load_ncp  # noqa: E402
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
 from evalp_prior.evaluation import (EvalRequest, EvalResources, bn_adjusted, evaluate_prior,  # noqa: E402
                                     likelihood_priors, posterior_and_prior_draws, prior_hole_mmd_per_group)
@@ -56,7 +57,7 @@ from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
-from nvae.data.base import HELD_OUT_SEED  # noqa: E402
+from nvae.data.base import HELD_OUT_SEED, held_out_part  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
 from nvae.runtime import RunLogger, init_distributed, load_checkpoint, save_text_atomic, seed_everything  # noqa: E402
 from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
@@ -318,10 +319,16 @@ def run_seed(args: argparse.Namespace) -> None:
                                       ctx.device, densities, Normalisers())}
     nll = _cached(args.out / "nll.json", nll_settings, likelihood) if args.nll else None
     _figure_data(args, rows, vae, res, ctx.device)
-    ncp_final = json.loads((checkpoints["ncp"].parent / "final_metrics.json").read_text())
+    # The hole detector on the validation half now, not the training diagnostics (measured on the halves of then).
+    detector = _cached(args.out / "eval" / "ncp_accuracy.json",
+                       {"split": "validation", "held_out_seed": HELD_OUT_SEED, "images": args.mmd_samples,
+                        "seed": args.seed, "checkpoint": str(checkpoints["ncp"])},
+                       lambda: hole_detector_accuracy(load_ncp(checkpoints["ncp"], ctx.device), vae,
+                                                      held_out_part(res.split("test"), "validation"), args.mmd_samples,
+                                                      64, res.binarize(), ctx.device, args.seed))
     summary = {"vae": str(args.vae), "vae_fingerprint": fingerprint, "seed": args.seed, "checkpoints": checkpoints,
                "train_seconds": timings, "rows": results, "row_order": [label for label, _, _ in rows], "nll": nll,
-               "ncp_validation_accuracy": {k: v for k, v in ncp_final.items() if k.startswith("accuracy/")},
+               "ncp_validation_accuracy": {f"accuracy/group{detector['group']:02d}": detector["accuracy"]},
                "evalp_config": json.loads(load_checkpoint(checkpoints["evalp"], "evalp", map_location="cpu")["config"]),
                "langevin_config": json.loads(load_checkpoint(checkpoints["langevin"], "langevin", map_location="cpu")["config"]),
                "ncp_config": json.loads(load_checkpoint(checkpoints["ncp"], "ncp", map_location="cpu")["config"]),

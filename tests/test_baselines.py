@@ -1,8 +1,10 @@
 """Baseline priors: the Langevin chain against Gaussian closed forms, maximum-likelihood training of a known
-tilt, NCP's density ratio and its SIR hook, both hooks' contract with NVAE, and exact resume of their training."""
+tilt, NCP's density ratio and its SIR hook, NCP's hole detector, both hooks' contract with NVAE, and exact resume of
+their training."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ from torch import nn
 
 from evalp_prior.baselines import (LangevinPrior, NCPPrior, langevin_loss, langevin_run_config, langevin_sample,
                                    ncp_loss, ncp_run_config, train_langevin, train_ncp)
+from evalp_prior.baselines.ncp import hole_detector_accuracy, load_ncp
 from evalp_prior.energy import EnergySet
 from evalp_prior.train import vae_fingerprint
+from nvae.data.registry import get_dataset
 from nvae.distributions import draw_normal
 from nvae.hooks import GroupSpec, PriorHook
 from nvae.runtime import RunLogger, load_checkpoint
@@ -197,3 +201,29 @@ def test_baseline_resume_equals_uninterrupted_run(tmp_path, vae_checkpoint, kind
     # The frozen NVAE travels with the prior and is untouched.
     for key, value in vae.state_dict().items():
         assert torch.equal(value, full["task"]["vae"]["model"][key]), key
+
+
+class _Labelled(nn.Module):
+    """A classifier stand-in that scores calls by their order: hole_detector_accuracy scores the posterior
+    draws first and the Gaussian draws second in every batch, so (pos, neg) logits are what it answers."""
+
+    def __init__(self, logit_pos: float, logit_neg: float):
+        super().__init__()
+        self.logits, self.calls = (logit_pos, logit_neg), 0
+
+    def forward(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        logit = self.logits[self.calls % 2]
+        self.calls += 1
+        return torch.full((z.shape[0],), -logit)  # energy = -logit
+
+
+@pytest.mark.parametrize("logit_pos, logit_neg, expected", [(1.0, -1.0, 1.0), (1.0, 1.0, 0.5), (-1.0, 1.0, 0.0)])
+def test_hole_detector_accuracy_is_balanced_over_posterior_and_gaussian_draws(prior_checkpoints, logit_pos, logit_neg,
+                                                                             expected):
+    trained = load_ncp(prior_checkpoints["ncp"], CPU.device)
+    stub = _Labelled(logit_pos, logit_neg)
+    trained = replace(trained, base=replace(trained.base, energies=stub))
+    vae = trained.base.vae
+    data = get_dataset(trained.base.vae_cfg.train.dataset, "test", trained.base.vae_cfg.train.data_root)
+    out = hole_detector_accuracy(trained, vae, data, 10, 4, False, CPU.device)
+    assert out["accuracy"] == expected and out["num_images"] == 10 and stub.calls == 2 * 3  # 3 batches of <= 4

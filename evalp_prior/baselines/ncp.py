@@ -16,8 +16,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from nvae.data.base import binarize_if_needed
 from nvae.distributions import draw_normal
+from nvae.model import NVAE
 
 from ..density import TiltedGaussianDensity
 from ..objectives import GroupBatch
@@ -132,6 +135,26 @@ class TrainedNCP:
         """The hook with the run's M (or another), SIR at every NCP group unless sir_groups says otherwise."""
         m = self.base.run_cfg.prior.sir_proposals if sir_proposals is None else sir_proposals
         return NCPPrior(self.base.energies, self.base.groups, m, sir_groups, sir_chunk)
+
+
+@torch.no_grad()
+def hole_detector_accuracy(trained: TrainedNCP, vae: NVAE, dataset: Dataset, num: int, batch_size: int,
+                           binarize: bool, device: torch.device, seed: int = 0) -> dict[str, float]:
+    """The classifier's balanced accuracy on the top NCP group: posterior z (of the first num images of
+    dataset) against NVAE's Gaussian prior draws given the same context, as in training's diagnostics
+    (0.5: the classifier sees no hole)."""
+    energies, group = trained.base.energies, trained.base.groups[0]
+    n = min(num, len(dataset))
+    right_pos = right_neg = 0
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for batch in DataLoader(Subset(dataset, range(n)), batch_size=batch_size):
+            st = vae.posterior(binarize_if_needed(batch.to(device), binarize)).groups[group]
+            logit_pos = -energies(group, st.z.float(), st.h.float())
+            logit_neg = -energies(group, draw_normal(st.mu_p, st.sigma_p).float(), st.h.float())
+            right_pos += int((logit_pos > 0).sum())
+            right_neg += int((logit_neg <= 0).sum())
+    return {"accuracy": 0.5 * (right_pos + right_neg) / n, "group": group, "num_images": n}
 
 
 def load_ncp(path: Path, device: torch.device) -> TrainedNCP:
