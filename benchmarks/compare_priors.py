@@ -57,7 +57,7 @@ from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
-from nvae.data.base import HELD_OUT_SEED, held_out_part  # noqa: E402
+from nvae.data.base import HELD_OUT_SEED  # noqa: E402
 from nvae.model import NVAE  # noqa: E402
 from nvae.runtime import RunLogger, init_distributed, load_checkpoint, save_text_atomic, seed_everything  # noqa: E402
 from nvae.runtime.checkpoint import LATEST_NAME  # noqa: E402
@@ -181,6 +181,12 @@ def train_stages(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, fingerprint:
     return checkpoints
 
 
+def _validation(vae: NVAE, vae_cfg: Any, device: torch.device) -> EvalResources:
+    """The evaluation resources whose held_out() is the validation half: what baselines are chosen and the hole
+    detector is read on."""
+    return EvalResources(vae, vae_cfg, device, EvalRequest(mmd=True, split="validation"))
+
+
 def validation_mmd2_top(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, kind: str, stage: Path,
                         device: torch.device) -> float:
     """Top-group prior-hole MMD^2 of a trained baseline (NCP with its --ncp-sir resampling) on --mmd-samples
@@ -191,7 +197,7 @@ def validation_mmd2_top(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, kind:
 
     def measure() -> dict[str, Any]:
         hook, _ = build_prior(load_for_sampling(stage / LATEST_NAME, device), kind, args.ncp_sir if kind == "ncp" else None)
-        res = EvalResources(vae, vae_cfg, device, EvalRequest(mmd=True, split="validation"))
+        res = _validation(vae, vae_cfg, device)
         return prior_hole_mmd_per_group(vae, hook, res.held_out(), args.mmd_samples, 64, res.binarize(), device,
                                         args.seed)["top"]
     return _cached(stage / "validation_mmd.json", settings, measure)["mmd2_multi"]
@@ -324,7 +330,7 @@ def run_seed(args: argparse.Namespace) -> None:
                        {"split": "validation", "held_out_seed": HELD_OUT_SEED, "images": args.mmd_samples,
                         "seed": args.seed, "checkpoint": str(checkpoints["ncp"])},
                        lambda: hole_detector_accuracy(load_ncp(checkpoints["ncp"], ctx.device), vae,
-                                                      held_out_part(res.split("test"), "validation"), args.mmd_samples,
+                                                      _validation(vae, vae_cfg, ctx.device).held_out(), args.mmd_samples,
                                                       64, res.binarize(), ctx.device, args.seed))
     summary = {"vae": str(args.vae), "vae_fingerprint": fingerprint, "seed": args.seed, "checkpoints": checkpoints,
                "train_seconds": timings, "rows": results, "row_order": [label for label, _, _ in rows], "nll": nll,

@@ -105,8 +105,7 @@ class NCPTask(BaselineTask):
                 loss = ncp_loss(logits[:n], logits[n:])
                 total = loss if total is None else total + loss
                 stats[f"bce/group{b.group}"] = loss.detach()
-                stats[f"accuracy/group{b.group}"] = 0.5 * ((logits[:n] > 0).float().mean()
-                                                           + (logits[n:] <= 0).float().mean()).detach()
+                stats[f"accuracy/group{b.group}"] = balanced_correct(logits[:n], logits[n:]).mean().detach()
         stats["accuracy/mean"] = torch.stack([stats[f"accuracy/group{b.group}"] for b in batches]).mean()
         return total, stats
 
@@ -114,8 +113,7 @@ class NCPTask(BaselineTask):
         z_neg = draw_normal(b.mu_p, b.sigma_p)
         logit_pos, logit_neg = -self.energies(b.group, b.z_pos, b.h), -self.energies(b.group, z_neg, b.h)
         z_prior = self.prior().sample_group(b.group, b.h, b.mu_p, b.sigma_p, 1.0)
-        accuracy = 0.5 * ((logit_pos > 0).float() + (logit_neg <= 0).float())
-        return z_prior, {"accuracy": accuracy, "logit_gap": logit_pos - logit_neg}
+        return z_prior, {"accuracy": balanced_correct(logit_pos, logit_neg), "logit_gap": logit_pos - logit_neg}
 
 
 # The shared entry points (common.Baseline) under this baseline's public names.
@@ -137,6 +135,12 @@ class TrainedNCP:
         return NCPPrior(self.base.energies, self.base.groups, m, sir_groups, sir_chunk)
 
 
+def balanced_correct(logit_pos: torch.Tensor, logit_neg: torch.Tensor) -> torch.Tensor:
+    """Per pair, the mean of 'posterior z called posterior' (logit > 0) and 'prior z called prior': its mean
+    over pairs is the classifier's balanced accuracy."""
+    return 0.5 * ((logit_pos > 0).float() + (logit_neg <= 0).float())
+
+
 @torch.no_grad()
 def hole_detector_accuracy(trained: TrainedNCP, vae: NVAE, dataset: Dataset, num: int, batch_size: int,
                            binarize: bool, device: torch.device, seed: int = 0) -> dict[str, float]:
@@ -145,16 +149,15 @@ def hole_detector_accuracy(trained: TrainedNCP, vae: NVAE, dataset: Dataset, num
     (0.5: the classifier sees no hole)."""
     energies, group = trained.base.energies, trained.base.groups[0]
     n = min(num, len(dataset))
-    right_pos = right_neg = 0
+    right = 0.0
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for batch in DataLoader(Subset(dataset, range(n)), batch_size=batch_size):
             st = vae.posterior(binarize_if_needed(batch.to(device), binarize)).groups[group]
             logit_pos = -energies(group, st.z.float(), st.h.float())
             logit_neg = -energies(group, draw_normal(st.mu_p, st.sigma_p).float(), st.h.float())
-            right_pos += int((logit_pos > 0).sum())
-            right_neg += int((logit_neg <= 0).sum())
-    return {"accuracy": 0.5 * (right_pos + right_neg) / n, "group": group, "num_images": n}
+            right += float(balanced_correct(logit_pos, logit_neg).sum())
+    return {"accuracy": right / n, "group": group, "num_images": n}
 
 
 def load_ncp(path: Path, device: torch.device) -> TrainedNCP:
