@@ -3,9 +3,10 @@
 
 Rows: NVAE's Gaussian prior, EVaLP (its sampler), EVaLP + SIR, the Langevin-MCMC energy prior and NCP + SIR,
 all on the same frozen NVAE, the priors trained for the same number of steps; and two rows read off the
-aggregate posterior of z_1 on training images outside the FID reference (evalp_prior.oracle; not timed, no
-likelihood): its samples, the ceiling of every top-group prior, and its full-covariance Gaussian fit, the
-simplest learned prior. Per seed (resumable: every
+aggregate posterior of z_1 on training images outside the FID reference (evalp_prior.oracle; not timed): its
+samples, the ceiling of every top-group prior (no density, so no likelihood), and its full-covariance Gaussian
+fit, the simplest learned prior (closed-form density: its NLL and ELBO come from a pass of their own on the
+same posterior samples, nll_reference.json). Per seed (resumable: every
 stage's checkpoint and every row's evaluation is reused when present with the same settings):
 
     python benchmarks/compare_priors.py --vae runs/small_s0/checkpoint.pt --out runs/compare/small/seed0
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -298,6 +300,19 @@ def run_seed(args: argparse.Namespace) -> None:
                    if k not in SPEED_ONLY_FIELDS}, "held_out_seed": HELD_OUT_SEED}
     results = {label: _cached(args.out / "eval" / f"{label}.json", {**settings, "checkpoint": str(checkpoints.get(label.split("+")[0], args.vae))},
                               lambda h=hook, b=bn: evaluate_prior(res, h, b)) for label, hook, bn in rows}
+    densities = {"gaussian": None}
+    for label, hook, _ in rows[1:]:
+        if "+sir" not in label or label.startswith("ncp"):
+            densities.update({k: v for k, v in likelihood_priors(label.split("+")[0], hook).items() if v is not None})
+    nll_settings = {"K": args.nll, "images": args.nll_images, "split": "test", "held_out_seed": HELD_OUT_SEED,
+                    "seed": args.seed,
+                    "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
+
+    def likelihood(priors: dict[str, Any]) -> dict[str, Any]:
+        torch.manual_seed(args.seed)  # the same posterior samples for every call (log Z draws its own stream)
+        return {"priors": dataset_nll(vae, res.held_out(), args.nll, args.nll_images, res.binarize(), 64, 16,
+                                      ctx.device, priors, Normalisers())}
+    nll = _cached(args.out / "nll.json", nll_settings, lambda: likelihood(densities)) if args.nll else None
     if args.oracle_images:
         # The training images right after the FID reference ones: a row never scored against its own reconstructions.
         first, count = args.fid_ref_images, args.oracle_images
@@ -311,19 +326,11 @@ def run_seed(args: argparse.Namespace) -> None:
                                      {**settings, "checkpoint": str(args.vae), "bank_images": [first, first + count]},
                                      lambda h=hook: evaluate_prior(res, h, h))
             rows = [*rows, (label, hook, hook)]
-    densities = {"gaussian": None}
-    for label, hook, _ in rows[1:]:
-        if "+sir" not in label or label.startswith("ncp"):
-            densities.update({k: v for k, v in likelihood_priors(label.split("+")[0], hook).items() if v is not None})
-    nll_settings = {"K": args.nll, "images": args.nll_images, "split": "test", "held_out_seed": HELD_OUT_SEED,
-                    "seed": args.seed,
-                    "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
-
-    def likelihood() -> dict[str, Any]:
-        torch.manual_seed(args.seed)
-        return {"priors": dataset_nll(vae, res.held_out(), args.nll, args.nll_images, res.binarize(), 64, 16,
-                                      ctx.device, densities, Normalisers())}
-    nll = _cached(args.out / "nll.json", nll_settings, likelihood) if args.nll else None
+        if nll is not None:
+            _add_reference_likelihood(nll, _cached(
+                args.out / "nll_reference.json", {**nll_settings, "bank_images": [first, first + count]},
+                lambda: likelihood({"gaussian": None, **{label: hook for label, hook, _ in rows
+                                                         if label in REFERENCE_ROWS and hasattr(hook, "log_density_ratio")}})))
     _figure_data(args, rows, vae, res, ctx.device)
     # The hole detector on the validation half now, not the training diagnostics (measured on the halves of then).
     detector = _cached(args.out / "eval" / "ncp_accuracy.json",
@@ -341,6 +348,16 @@ def run_seed(args: argparse.Namespace) -> None:
                "torch_threads": torch.get_num_threads()}
     save_text_atomic(args.out / "seed_summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     print(f"wrote {args.out / 'seed_summary.json'}")
+
+
+def _add_reference_likelihood(nll: dict[str, Any], reference: dict[str, Any]) -> None:
+    """Add the reference rows' likelihood (their own cached pass, so the trained priors' is not redone) to nll.
+    Both passes draw the same posterior samples, so their Gaussian rows must agree: the pairing is checked."""
+    ours, theirs = nll["priors"]["gaussian"], reference["priors"]["gaussian"]
+    if not math.isclose(ours["elbo_nats"], theirs["elbo_nats"], rel_tol=1e-9, abs_tol=1e-9):
+        raise RuntimeError(f"the reference likelihood saw other posterior samples: Gaussian -ELBO {theirs['elbo_nats']} "
+                           f"vs {ours['elbo_nats']}")
+    nll["priors"].update({k: v for k, v in reference["priors"].items() if k != "gaussian"})
 
 
 def _figure_data(args: argparse.Namespace, rows: list[tuple[str, Any, Any]], vae: NVAE, res: EvalResources,

@@ -1,5 +1,6 @@
 """Priors read off the aggregate posterior of the top group: its samples (the ceiling of what any top-group
-prior can reach) and its Gaussian fit (the simplest learned prior, which any learned prior should beat).
+prior can reach) and its Gaussian fit (the simplest learned prior, which any learned prior should beat). The fit is also a normalised density, so the
+NVAE's likelihood under it (metrics/nll.py) says how much of a learned prior's ELBO gain a Gaussian gives.
 
 A learned prior for z_1 is trained to match the aggregate posterior q(z_1) = E_x q(z_1 | x) of the training
 images. Drawing z_1 from a bank of such posterior samples (and the lower groups from NVAE's conditional
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from evalp_prior.evaluation import posterior_and_prior_draws
+from evalp_prior.sampler import gaussian_log_prob
 from nvae.model import NVAE
 
 
@@ -51,7 +53,8 @@ class AggregatePosteriorPrior:
 
 class PosteriorGaussianPrior:
     """PriorHook drawing z_1 from the full-covariance Gaussian fitted (mean, covariance) to a bank of posterior
-    samples; None below it. Where a prior hole is a matter of second moments, this closed-form fit closes it."""
+    samples; None below it. Where a prior hole is a matter of second moments, this closed-form fit closes it.
+    Also a PriorDensity (metrics/nll.py): exact, normalised, so log Z = 0."""
 
     def __init__(self, bank: torch.Tensor):
         _check_bank(bank)
@@ -61,6 +64,7 @@ class PosteriorGaussianPrior:
         self.shape, self.bank_size = bank.shape[1:], int(bank.shape[0])
         self.mean = flat.mean(0)
         self.scale_tril = torch.linalg.cholesky(torch.cov(flat.T))
+        self.distribution = torch.distributions.MultivariateNormal(self.mean, scale_tril=self.scale_tril)
 
     def sample_group(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
                      temperature: float) -> Optional[torch.Tensor]:
@@ -70,6 +74,23 @@ class PosteriorGaussianPrior:
         eps = torch.randn(mu_p.shape[0], self.mean.numel(), dtype=self.mean.dtype, device=self.mean.device)
         z = self.mean + eps @ self.scale_tril.T
         return z.view(mu_p.shape).to(device=mu_p.device, dtype=mu_p.dtype)
+
+    @torch.no_grad()
+    def log_density_ratio(self, group: int, z: torch.Tensor, h: torch.Tensor, mu_p: torch.Tensor,
+                          sigma_p: torch.Tensor) -> Optional[torch.Tensor]:
+        """log N(z; mean, covariance) - log p0(z | h) (B,) float64 for the top group; None below it."""
+        if group != 0:
+            return None
+        if z.shape[1:] != self.shape:
+            raise ValueError(f"the fit is of z_1 of shape {tuple(self.shape)}, got {tuple(z.shape[1:])}")
+        flat = z.flatten(1).to(self.mean)
+        return self.distribution.log_prob(flat) - gaussian_log_prob(z, mu_p, sigma_p).to(self.mean)
+
+    def log_normaliser(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
+                       num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exactly (0, 0): the fit is a normalised Gaussian."""
+        zero = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+        return zero, zero
 
     def settings(self) -> dict[str, int]:
         return {"bank_size": self.bank_size}

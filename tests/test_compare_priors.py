@@ -1,5 +1,5 @@
-"""compare_priors' reuse of finished stages (a changed setting that alters training is refused, a speed-only one is not)
-and its learning-rate sweep's validation measure."""
+"""compare_priors' reuse of finished stages (a changed setting that alters training is refused, a speed-only one is not),
+its learning-rate sweep's validation measure, and the pairing of the reference rows' likelihood pass."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,11 @@ import shutil
 import pytest
 import torch
 
-from benchmarks.compare_priors import _stage, _without_speed_only, validation_mmd2_top
-from evalp_prior.evaluation import EvalRequest, EvalResources, prior_hole_mmd_per_group
+from benchmarks.compare_priors import _add_reference_likelihood, _stage, _without_speed_only, validation_mmd2_top
+from evalp_prior.evaluation import EvalRequest, EvalResources, likelihood_priors, prior_hole_mmd_per_group
 from evalp_prior.generation import build_prior, load_for_sampling
+from evalp_prior.metrics.nll import dataset_nll
+from evalp_prior.oracle import PosteriorGaussianPrior
 from evalp_prior.train import load_vae_for_stage2
 from nvae.runtime import load_checkpoint
 from nvae.runtime.checkpoint import LATEST_NAME
@@ -65,3 +67,25 @@ def test_sweep_measure_is_the_reported_evaluator_on_validation_and_is_redone_for
     cached["settings"]["held_out_seed"] += 1  # measured on other halves: never reused
     cache.write_text(json.dumps(cached))
     assert validation_mmd2_top(args, vae, vae_cfg, "langevin", stage, cpu) == pytest.approx(direct, rel=1e-6, abs=1e-9)
+
+
+def test_reference_likelihood_pass_sees_the_trained_priors_posterior_samples(prior_checkpoints):
+    cpu = torch.device("cpu")
+    vae, vae_cfg, _ = load_vae_for_stage2(prior_checkpoints["nvae"], cpu)
+    res = EvalResources(vae, vae_cfg, cpu, EvalRequest(split="test"))
+    hook, _ = build_prior(load_for_sampling(prior_checkpoints["evalp"], cpu), "evalp")
+    torch.manual_seed(1)
+    bank = torch.randn(200, *vae.group_specs[0].shape)
+    fit = PosteriorGaussianPrior(bank)
+
+    def nll(priors, seed):
+        torch.manual_seed(seed)
+        return {"priors": dataset_nll(vae, res.held_out(), 3, 4, res.binarize(), 2, 2, cpu, priors)}
+
+    trained = nll(likelihood_priors("evalp", hook), 5)  # EVaLP's p_psi estimates log Z: draws of its own
+    _add_reference_likelihood(trained, nll({"gaussian": None, "posterior_gaussian": fit}, 5))
+    assert set(trained["priors"]) == {"gaussian", "evalp", "evalp_sampler", "posterior_gaussian"}
+    alone = nll({"gaussian": None, "posterior_gaussian": fit}, 5)["priors"]["posterior_gaussian"]
+    assert trained["priors"]["posterior_gaussian"] == alone
+    with pytest.raises(RuntimeError, match="other posterior samples"):
+        _add_reference_likelihood(trained, nll({"gaussian": None, "posterior_gaussian": fit}, 6))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scipy.stats import multivariate_normal
 
 from evalp_prior.evaluation import posterior_and_prior_draws
 from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank
@@ -54,6 +55,32 @@ def test_posterior_gaussian_draws_with_the_banks_mean_and_covariance():
     assert prior.sample_group(1, torch.zeros(5, 4, 4, 4), torch.zeros(5, 3, 4, 4), torch.ones(5, 3, 4, 4), 1.0) is None
     with pytest.raises(ValueError, match="more than"):
         PosteriorGaussianPrior(bank[:12])  # a singular covariance
+
+
+def test_posterior_gaussian_density_is_the_fits_closed_form_relative_to_p0_and_normalised():
+    torch.manual_seed(1)
+    mixing = torch.randn(4, 4) / 2
+    bank = (torch.randn(3000, 4) @ mixing.T + torch.tensor([0.5, -0.3, 0.0, 1.0])).view(3000, 1, 2, 2)
+    prior = PosteriorGaussianPrior(bank)
+    z, mu_p, sigma_p = torch.randn(6, 1, 2, 2), 0.3 * torch.randn(6, 1, 2, 2), 0.5 + torch.rand(6, 1, 2, 2)
+    ratio = prior.log_density_ratio(0, z, torch.zeros(6, 3, 2, 2), mu_p, sigma_p)
+    flat = bank.flatten(1).double().numpy()
+    fit = multivariate_normal(flat.mean(0), torch.cov(torch.from_numpy(flat).T).numpy())
+    log_p0 = torch.distributions.Normal(mu_p.double(), sigma_p.double()).log_prob(z.double()).flatten(1).sum(1)
+    torch.testing.assert_close(ratio + log_p0, torch.from_numpy(fit.logpdf(z.flatten(1).double().numpy())),
+                               rtol=0, atol=1e-5)
+    # Normalised: E_{p0}[p_fit / p0] = 1, estimated with 400k draws of p0 = N(0, 2^2): its variance 4 exceeds half
+    # the fit's largest (2.5), so the weights have a finite variance; standard error ~0.01.
+    n = 400_000
+    draws = 2 * torch.randn(n, 1, 2, 2)
+    log_r = prior.log_density_ratio(0, draws, torch.zeros(n, 3, 2, 2), torch.zeros(n, 1, 2, 2),
+                                    torch.full((n, 1, 2, 2), 2.0))
+    assert abs(float(log_r.exp().mean()) - 1.0) < 0.04
+    log_z, rel_var = prior.log_normaliser(0, torch.zeros(2, 3, 2, 2), mu_p[:2], sigma_p[:2], 10)
+    assert torch.equal(log_z, torch.zeros(2, dtype=torch.float64)) and torch.equal(rel_var, log_z)
+    assert prior.log_density_ratio(1, z, z, z, sigma_p) is None
+    with pytest.raises(ValueError, match=r"\(1, 2, 2\)"):
+        prior.log_density_ratio(0, torch.zeros(2, 2, 2, 2), None, torch.zeros(2, 2, 2, 2), torch.ones(2, 2, 2, 2))
 
 
 def test_oracle_rejects_a_bank_of_the_wrong_shape():
