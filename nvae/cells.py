@@ -182,7 +182,7 @@ class ResidualCell(nn.Module):
         return self._cell(x) if self.compiled_cell is None else self.compiled_cell(self, x)
 
     @contextlib.contextmanager
-    def _frozen_batch_norm_statistics(self) -> Iterator[None]:
+    def _running_statistics_restored(self) -> Iterator[None]:
         """The recomputation normalises with the batch's statistics, as the forward did (the same operations, as
         checkpointing requires), and then puts back the running statistics it updated a second time."""
         # Looked up now, not at construction: convert_sync_batchnorm replaces the BN modules.
@@ -195,7 +195,7 @@ class ResidualCell(nn.Module):
                 torch._foreach_copy_(buffers, saved)
 
     def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), self._frozen_batch_norm_statistics()
+        return contextlib.nullcontext(), self._running_statistics_restored()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_activations and torch.is_grad_enabled():
