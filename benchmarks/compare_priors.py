@@ -13,6 +13,9 @@ stage's checkpoint and every row's evaluation is reused when present with the sa
     python benchmarks/compare_priors.py --vae ... --out ... --timing     # alone on the machine: s / image
     python benchmarks/compare_priors.py --report runs/compare/small/seed* --out runs/compare/small
 
+Ablations of EVaLP trained elsewhere on the same NVAE join as rows evalp[NAME] (sampler, no SIR; with densities):
+    python benchmarks/compare_priors.py --vae ... --out ... --extra-evalp fit_only=runs/fit_only_s0/checkpoint.pt
+
 Baseline learning rates are chosen on the validation half (first half of the test split) by
     python benchmarks/compare_priors.py --vae runs/small_s0/checkpoint.pt --out runs/compare/small/seed0 \\
         --lr-sweep 1e-4 1e-3 3e-3
@@ -71,6 +74,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--vae", type=Path, default=None, help="the frozen NVAE: a stage-1 checkpoint (one per training seed)")
     parser.add_argument("--evalp", type=Path, default=None,
                         help="reuse this stage-2 checkpoint of the same NVAE instead of training EVaLP here")
+    parser.add_argument("--extra-evalp", nargs="+", default=[], metavar="NAME=PATH",
+                        help="more stage-2 checkpoints of the same NVAE (e.g. ablations), each a row evalp[NAME] "
+                             "evaluated like the EVaLP row (no SIR)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the priors' training and of the evaluation's draws")
     parser.add_argument("--prior-steps", type=int, default=1500, help="training steps of every prior")
     parser.add_argument("--prior-batch", type=int, default=64, help="images per prior training step")
@@ -103,6 +109,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report is None and args.vae is None:
         parser.error("--vae is required (unless --report)")
+    extra = [item.partition("=") for item in args.extra_evalp]
+    if any(not name or not sep or not path for name, sep, path in extra):
+        parser.error(f"--extra-evalp takes NAME=PATH items, got {args.extra_evalp}")
+    args.extra_evalp = {f"evalp[{name}]": Path(path) for name, _, path in extra}
     return args
 
 
@@ -164,6 +174,11 @@ def train_stages(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, fingerprint:
                  timings: dict[str, Any]) -> dict[str, Path]:
     """Checkpoints of EVaLP (trained here or --evalp) and both baselines at the chosen learning rates."""
     checkpoints: dict[str, Path] = {}
+    for label, path in args.extra_evalp.items():
+        if json.loads(load_checkpoint(path, "evalp", map_location="cpu")["config"])["vae_fingerprint"] != fingerprint:
+            raise SystemExit(f"--extra-evalp {path} was trained on another NVAE than --vae {args.vae}")
+        checkpoints[label] = path
+        timings[label] = "reused"
     if args.evalp is not None:
         if json.loads(load_checkpoint(args.evalp, "evalp", map_location="cpu")["config"])["vae_fingerprint"] != fingerprint:
             raise SystemExit(f"--evalp {args.evalp} was trained on another NVAE than --vae {args.vae}")
@@ -236,6 +251,7 @@ def _rows(args: argparse.Namespace, setups: dict[str, Any]) -> list[tuple[str, A
     """(label, hook, BN re-adjustment hook) of every compared (trained) prior."""
     rows: list[tuple[str, Any, Any]] = [("gaussian", None, None), ("evalp", *build_prior(setups["evalp"], "evalp"))]
     rows += [(f"evalp+sir{m}", *build_prior(setups["evalp"], "evalp", m)) for m in args.sir]
+    rows += [(label, *build_prior(setups[label], "evalp")) for label in args.extra_evalp]
     rows.append(("langevin", *build_prior(setups["langevin"], "langevin")))
     rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir)))
     return rows

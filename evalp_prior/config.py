@@ -57,6 +57,13 @@ class EVaLPConfig(FrozenPriorConfig):
     # half of `small` (MMD^2 0.11x the Gaussian prior's vs 0.41x for none; docs/results.md, section 0c).
     sampler_affine: str = "moments"  # per-group affine layer of the sampler: none | identity | moments (posterior fit)
     moment_images: int = 10000  # at most this many training images start the affine layer (--sampler-affine moments)
+    # After the moment start, the whole flow fitted by maximum likelihood to posterior samples of z_1 (top group only:
+    # its context is the same for every image). Not in the paper: the game leaves the sampler at its start, and the
+    # fit closes most of what the Gaussian fit leaves of the hole on `small` (docs/results.md section 0d).
+    sampler_fit_steps: int = 0  # maximum-likelihood steps fitting the sampler to z_1 posterior samples first; 0 = none
+    sampler_fit_images: int = 60000  # training images (one posterior draw of z_1 each) the sampler fit uses
+    sampler_fit_batch: int = 256  # posterior samples per sampler-fit step
+    sampler_fit_lr: float = 1e-3  # Adam learning rate of the sampler fit
     n_critic: int = 5  # energy steps per sampler step
     lambda_gp: float = 10.0  # gradient-penalty weight lambda in the energy loss
     gradient_penalty: str = "two-sided"  # two-sided (WGAN-GP) | one-sided | r1 (zero-centred, on positives)
@@ -80,11 +87,11 @@ class EVaLPConfig(FrozenPriorConfig):
 
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first impossible setting (cadence is checked by the loop)."""
-        require_settings(self, positive=("sample_temperature", "max_log_scale"),
+        require_settings(self, positive=("sample_temperature", "max_log_scale", "sampler_fit_lr"),
                          at_least_one=("energy_hidden", "sampler_hidden", "num_couplings", "embed_dim", "n_critic",
-                                       "eval_batches", "moment_images"),
+                                       "eval_batches", "moment_images", "sampler_fit_images", "sampler_fit_batch"),
                          non_negative=("lambda_gp", "kl_weight", "bn_readjust_batches", "critic_warmup_steps",
-                                       "eval_sir_proposals"))
+                                       "eval_sir_proposals", "sampler_fit_steps"))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.gradient_penalty not in GRADIENT_PENALTIES:
@@ -116,5 +123,6 @@ class EVaLPRunConfig:
     def from_json(cls, text: str) -> "EVaLPRunConfig":
         data: dict[str, Any] = json.loads(text)
         data["evalp"].setdefault("sampler_affine", "none")  # checkpoints from before the layer existed
+        data["evalp"].setdefault("sampler_fit_steps", 0)  # checkpoints from before the fit existed
         return cls(evalp=EVaLPConfig(**data["evalp"]), vae_path=data["vae_path"],
                    vae_fingerprint=data["vae_fingerprint"])

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from nvae.bn import readjust_bn
 from nvae.config import NVAERunConfig
 from nvae.data import HELD_OUT_PARTS, binarize_if_needed, dataset_info, get_dataset, held_out_part
+from nvae.data.base import HELD_OUT_SEED
 from nvae.distributions import draw_normal
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
@@ -55,6 +56,10 @@ MMD_PERMUTATIONS = 50  # relabellings for each MMD's noise floor and p-value
 POSTERIOR_SEED = 1234  # fixed: every evaluation of one NVAE compares priors against the same posterior draws
 
 
+# Whose images the FID reference statistics are made of (EvalRequest.fid_reference).
+FID_REFERENCES = ("train", "validation")
+
+
 @dataclass
 class EvalRequest:
     """What to measure and how; 0 (or False) switches a metric off."""
@@ -63,6 +68,7 @@ class EvalRequest:
     fid_samples: int = 0
     fid_batch: int = 64
     fid_ref_images: int = 10000
+    fid_reference: str = "train"  # FID reference images: train (reported numbers) | validation (choices)
     fid_stats_dir: Path = DEFAULT_FID_STATS_DIR
     mmd: bool = False
     mmd_samples: int = 1000
@@ -95,6 +101,8 @@ class EvalRequest:
         checks = [
             (self.fid_samples == 0 or self.fid_samples >= 2, f"--fid needs at least 2 samples, got {self.fid_samples}"),
             (self.fid_ref_images >= 2, f"--fid-ref-images needs at least 2 images, got {self.fid_ref_images}"),
+            (self.fid_reference in FID_REFERENCES,
+             f"--fid-reference must be one of {FID_REFERENCES}, got {self.fid_reference!r}"),
             (self.fid_batch >= 1, f"--fid-batch must be >= 1, got {self.fid_batch}"),
             (self.mmd_samples >= 4, f"--mmd-samples needs at least 4 samples, got {self.mmd_samples}"),
             (self.nll_samples >= 0, f"--nll needs K >= 1 importance samples, got {self.nll_samples}"),
@@ -148,21 +156,25 @@ class EvalResources:
         return self._features
 
     def reference(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray, dict[str, Any]]:
-        """(features (N, 2048), mu, sigma, description) of the first N training images, N = fid_ref_images;
-        the features from the cache when it matches (computed once per data set: 10k images ~16 min on 2 CPU
-        cores), the statistics from them once per evaluation."""
+        """(features (N, 2048), mu, sigma, description) of the first N images, N = fid_ref_images, of the training
+        split (``fid_reference`` train: reported numbers) or of the validation half of the test split (validation:
+        choosing settings without touching the reported metric's reference); the features from the cache when it
+        matches (computed once per data set: 10k images ~16 min on 2 CPU cores), the statistics once per evaluation."""
         if self._reference is None:
-            tc, root = self.vae_cfg.train, self.data_root()
-            train = self.split("train")
-            count = min(self.request.fid_ref_images, len(train))
+            tc, root, which = self.vae_cfg.train, self.data_root(), self.request.fid_reference
+            images = self.split("train") if which == "train" else held_out_part(self.split("test"), "validation")
+            count = min(self.request.fid_ref_images, len(images))
             # Different roots of one data set name (e.g. two synthetic sets) must not share a cache file.
             name = tc.dataset + (f"@{hashlib.sha1(str(root).encode()).hexdigest()[:8]}" if root else "")
-            batches = (self.vae.crop(b) for b in DataLoader(Subset(train, range(count)), batch_size=self.request.fid_batch))
-            size = list(self.vae.crop(train[0].unsqueeze(0)).shape[-2:])
-            features = reference_features(batches, name, "train", count, self.request.fid_stats_dir, self.features(),
+            loader = DataLoader(Subset(images, range(count)), batch_size=self.request.fid_batch)
+            batches = (self.vae.crop(b) for b in loader)
+            size = list(self.vae.crop(images[0].unsqueeze(0)).shape[-2:])
+            # The validation half is a permutation of the test split: its cache is keyed by that permutation's seed.
+            split = "train" if which == "train" else f"validation{HELD_OUT_SEED}"
+            features = reference_features(batches, name, split, count, self.request.fid_stats_dir, self.features(),
                                           image_size=size)
             mu, sigma = FeatureStats(features.shape[1]).update(features).mean_cov()
-            self._reference = (features, mu, sigma, {"reference_images": count, "reference_split": "train",
+            self._reference = (features, mu, sigma, {"reference_images": count, "reference_split": which,
                                                      "stats_dir": str(self.request.fid_stats_dir), "image_size": size})
         return self._reference
 

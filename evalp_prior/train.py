@@ -30,6 +30,7 @@ from .group_selection import parse_groups
 from .objectives import GroupBatch, alternating_step
 from .prior import EVaLPPrior
 from .sampler import SharedFlowSampler
+from .sampler_fit import fit_sampler, top_group_bank
 
 KIND = "evalp"
 
@@ -152,6 +153,8 @@ class EVaLPTask:
                                                  binarize, self.energy_prec, ctx.device)
             for g, (mean, covariance) in moments.items():
                 self.sampler.set_group_moments(g, mean, covariance)
+        if cfg.sampler_fit_steps:  # also before the moving average and DDP (which broadcasts rank 0's weights)
+            self._fit_sampler(train_set)
         if cfg.compile:  # not the energies: their gradient penalty differentiates twice, which compiling cannot
             self.sampler.compile_couplings()
         # Separate DDP modules: the energy and the sampler have separate backward passes.
@@ -164,6 +167,20 @@ class EVaLPTask:
         self.schedules = [lr_schedule(opt, cfg.lr_schedule, total_steps) for opt in (self.energy_opt, self.sampler_opt)]
         self.objective = cfg.objective()
         self.last_metrics: dict[str, float] = {}
+
+    def _fit_sampler(self, train_set: Optional[Dataset]) -> None:
+        """The maximum-likelihood start (evalp_prior.sampler_fit), logged with the bank's NLL before and after."""
+        cfg = self.cfg
+        if self.groups != [0]:
+            raise ValueError(f"--sampler-fit-steps needs the top group alone (--groups top), the run's groups are "
+                             f"{self.groups}: a lower group's context depends on the image and is not banked")
+        if train_set is None:
+            raise ValueError("--sampler-fit-steps needs the training split to fit to")
+        bank = top_group_bank(self.vae, train_set, cfg.sampler_fit_images, cfg.batch_size, self.binarize,
+                              self.ctx.device)
+        fit = fit_sampler(self.sampler, bank, cfg.sampler_fit_steps, cfg.sampler_fit_batch, cfg.sampler_fit_lr)
+        self.logger.info(f"sampler fitted to {bank.z.shape[0]} posterior samples of z_1 in {cfg.sampler_fit_steps} "
+                         f"steps: NLL {fit['nll_before']:.2f} -> {fit['nll_after']:.2f} nats")
 
     def config_json(self) -> str:
         return self.run_cfg.to_json()
@@ -189,10 +206,14 @@ class EVaLPTask:
         return prec.backward_and_step(loss, optimizer, params, max_grad_norm=float("inf"))
 
     def train_step(self, batch: torch.Tensor, step: int) -> Optional[dict[str, torch.Tensor]]:
+        x = binarize_if_needed(batch, self.binarize)
+        return self.step_on(posterior_group_batches(self.vae, x, self.groups, self.energy_prec), step)
+
+    def step_on(self, group_batches: list[GroupBatch], step: int) -> Optional[dict[str, torch.Tensor]]:
+        """One alternating step on given positives and contexts (train_step's after its posterior pass; also
+        benchmarks/game_on_bank.py's, on banked posterior samples); None when a step was non-finite."""
         self.energies.train()
         self.sampler.train()
-        x = binarize_if_needed(batch, self.binarize)
-        group_batches = posterior_group_batches(self.vae, x, self.groups, self.energy_prec)
         stats = alternating_step(group_batches, self.energy_net, self.sampler_net, self.energy_opt, self.sampler_opt,
                                  step, self.objective, self.energy_prec.autocast, self._backward_and_step,
                                  frozen_energies=self.energies, gp_grad_scale=self.energy_prec.loss_scale())

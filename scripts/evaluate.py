@@ -35,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     metrics.add_argument("--fid", type=int, nargs="?", const=FULL_FID, default=None, metavar="N",
                          help=f"FID, KID (+- stderr) and precision/recall of N generated images (no N: {FULL_FID})")
     metrics.add_argument("--fid-batch", type=int, default=64, help="images per generation / feature batch")
-    metrics.add_argument("--fid-ref-images", type=int, default=10000, help="training images in the reference statistics")
+    metrics.add_argument("--fid-ref-images", type=int, default=10000, help="images in the reference statistics")
+    metrics.add_argument("--fid-reference", choices=("train", "validation"), default="train",
+                         help="FID/KID/precision-recall reference images: the training split (reported numbers) or "
+                              "the validation half of the test split (for choices; at most its 5000 images on MNIST)")
     metrics.add_argument("--fid-stats-dir", type=Path, default=Path("runs/fid_stats"),
                          help="cache of reference statistics, shared by runs on the same data")
     metrics.add_argument("--mmd", action="store_true", help="top-group prior-hole MMD against encoded test images")
@@ -70,7 +73,8 @@ def build_request(args: argparse.Namespace):
     if args.nll is not None and args.nll < 1:
         raise ValueError(f"--nll needs K >= 1 importance samples, got {args.nll}")
     req = EvalRequest(prior=args.prior, fid_samples=args.fid or 0, fid_batch=args.fid_batch,
-                      fid_ref_images=args.fid_ref_images, fid_stats_dir=args.fid_stats_dir, mmd=args.mmd,
+                      fid_ref_images=args.fid_ref_images, fid_reference=args.fid_reference,
+                      fid_stats_dir=args.fid_stats_dir, mmd=args.mmd,
                       mmd_samples=args.mmd_samples, nll_samples=args.nll or 0, nll_images=args.nll_images,
                       nll_chunk=args.nll_chunk, log_z_samples=args.log_z_samples,
                       log_z_item_samples=args.log_z_item_samples, timing=args.timing, timing_batch=args.timing_batch,

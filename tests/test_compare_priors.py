@@ -9,7 +9,10 @@ import shutil
 import pytest
 import torch
 
-from benchmarks.compare_priors import _add_reference_likelihood, _stage, _without_speed_only, validation_mmd2_top
+from pathlib import Path
+
+from benchmarks.compare_priors import (_add_reference_likelihood, _rows, _stage, _without_speed_only, parse_args,
+                                     validation_mmd2_top)
 from evalp_prior.evaluation import EvalRequest, EvalResources, likelihood_priors, prior_hole_mmd_per_group
 from evalp_prior.generation import build_prior, load_for_sampling
 from evalp_prior.metrics.nll import dataset_nll
@@ -17,6 +20,19 @@ from evalp_prior.oracle import PosteriorGaussianPrior
 from evalp_prior.train import load_vae_for_stage2
 from nvae.runtime import load_checkpoint
 from nvae.runtime.checkpoint import LATEST_NAME
+
+
+def test_extra_evalp_checkpoints_become_rows_of_their_own(prior_checkpoints):
+    args = parse_args(["--out", "o", "--vae", "v.pt", "--extra-evalp", f"fit={prior_checkpoints['evalp']}", "b=x.pt"])
+    assert args.extra_evalp == {"evalp[fit]": prior_checkpoints["evalp"], "evalp[b]": Path("x.pt")}
+    del args.extra_evalp["evalp[b]"]
+    setups = {name: load_for_sampling(prior_checkpoints[kind], torch.device("cpu"))
+              for name, kind in [("evalp", "evalp"), ("evalp[fit]", "evalp"), ("langevin", "langevin"), ("ncp", "ncp")]}
+    labels = [label for label, _, _ in _rows(args, setups)]
+    assert labels == ["gaussian", "evalp", "evalp+sir100", "evalp[fit]", "langevin", "ncp+sir100"]
+    for bad in (["fit"], ["=x.pt"], ["fit="]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "o", "--vae", "v.pt", "--extra-evalp", *bad])
 
 
 def test_speed_only_settings_are_dropped_at_any_depth():

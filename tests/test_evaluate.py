@@ -127,3 +127,29 @@ def test_posterior_bandwidth_and_prior_hole_mmd():
     assert result["mmd2"] == pytest.approx(float(mmd2_unbiased(z_post, z_prior, [bandwidth])))
     assert result["mmd2_multi"] == pytest.approx(float(mmd2_unbiased(z_post, z_prior, [0.5 * bandwidth, bandwidth,
                                                                                        2 * bandwidth])))
+
+
+def test_fid_reference_can_be_the_validation_half(checkpoints):
+    import dataclasses
+
+    from evalp_prior.evaluation import EvalRequest, EvalResources
+    from evalp_prior.metrics.fid import image_features
+    from nvae.data import get_dataset, held_out_part
+    from nvae.trained import load_trained_nvae
+
+    cpu = torch.device("cpu")
+    vae, vae_cfg, _ = load_trained_nvae(checkpoints["nvae"], cpu)
+    request = EvalRequest(fid_samples=8, fid_ref_images=6, fid_batch=4, fid_reference="validation",
+                          fid_stats_dir=checkpoints["cache"])
+    request.validate()
+    resources = EvalResources(vae, vae_cfg, cpu, request)
+    features, _, _, description = resources.reference()
+    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+    expected = image_features([vae.crop(torch.stack([validation[i] for i in range(6)]))], resources.features(),
+                              progress=False)
+    assert description["reference_split"] == "validation" and description["reference_images"] == 6
+    torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)
+    train = EvalResources(vae, vae_cfg, cpu, dataclasses.replace(request, fid_reference="train")).reference()[0]
+    assert train.shape == features.shape and not torch.allclose(train, features)
+    with pytest.raises(ValueError, match="--fid-reference must be one of"):
+        dataclasses.replace(request, fid_reference="test").validate()

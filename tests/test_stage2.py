@@ -82,7 +82,7 @@ def test_zero_energy_identity_sampler_reproduces_nvae_bit_for_bit(vae_checkpoint
 @pytest.mark.parametrize("extra", [{}, {"sampler_ema": 0.9, "whiten_critic": True, "sampler_mixing": True,
                                       "gradient_penalty": "one-sided", "critic_warmup_steps": 1},
                                    {"groups": "top", "sampler_ema": 0.9, "sampler_affine": "moments",
-                                    "moment_images": 256}])
+                                    "moment_images": 256, "sampler_fit_steps": 5, "sampler_fit_images": 64}])
 def test_stage2_resume_equals_uninterrupted_run(tmp_path, vae_checkpoint, extra):
     assert _train(tmp_path / "full", vae_checkpoint, extra)[0] == 0
     assert _train(tmp_path / "split", vae_checkpoint, extra, stop=StopAt(3))[0] == PREEMPTED_EXIT_CODE
