@@ -35,6 +35,17 @@ def _pyplot():
     return plt
 
 
+def _panels(plt, count: int, width: float, height: float, per_row: int = 4, **kw):
+    """A figure of count panels wrapped into rows of at most per_row, and the used axes in reading order (the
+    unused ones are hidden): one row of ten panels is too wide to read."""
+    rows, columns = -(-count // per_row), min(count, per_row)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False, **kw)
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
+
+
 def _save(plt, fig, path: Path, title: str = "", dpi: int = 110) -> None:
     """Title (if any), tight layout, write the PNG (folders created), free the figure."""
     if title:
@@ -54,20 +65,20 @@ def plot_prior_hole(posterior: np.ndarray, draws: Mapping[str, np.ndarray], path
     projected = {name: pca_project(x, mean, components) for name, x in sets.items()}
     everything = np.concatenate(list(projected.values()))
     lo, hi = np.percentile(everything, [0.5, 99.5], axis=0)
-    fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3.4), sharex=True, sharey=True)
-    for ax, (name, xy) in zip(np.atleast_1d(axes), projected.items()):
+    fig, axes = _panels(plt, len(sets), 3.2, 3.4, sharex=True, sharey=True)
+    for ax, (name, xy) in zip(axes, projected.items()):
         ax.hist2d(xy[:, 0], xy[:, 1], bins=60, range=[[lo[0], hi[0]], [lo[1], hi[1]]], cmap="magma")
         ax.set_title(f"{name} (n={len(xy)})", fontsize=9)
         ax.set_xlabel("PC 1")
-    np.atleast_1d(axes)[0].set_ylabel("PC 2")
+        ax.set_ylabel("PC 2")
     _save(plt, fig, path, title)
 
 
 def plot_sample_grids(grids: Mapping[str, np.ndarray], path: Path, columns: int = 8) -> None:
     """Sample grids side by side, one per prior: grids[name] is (n, C, H, W) in [0, 1], drawn with one seed."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9))
-    for ax, (name, images) in zip(np.atleast_1d(axes), grids.items()):
+    fig, axes = _panels(plt, len(grids), 2.6, 2.9, per_row=5)
+    for ax, (name, images) in zip(axes, grids.items()):
         n, c, h, w = images.shape
         rows = -(-n // columns)
         canvas = np.ones((rows * (h + 1), columns * (w + 1), c))
