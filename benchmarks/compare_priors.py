@@ -170,18 +170,22 @@ def _baseline_configs(args: argparse.Namespace, fingerprint: str, langevin_lr: O
     return {f"langevin_lr{langevin.prior.lr:g}": (langevin, train_langevin), f"ncp_lr{ncp.prior.lr:g}": (ncp, train_ncp)}
 
 
+def _require_same_nvae(path: Path, flag: str, fingerprint: str, vae: Path) -> None:
+    """Exit with a clear message when the stage-2 checkpoint at path was trained on another NVAE than --vae."""
+    if json.loads(load_checkpoint(path, "evalp", map_location="cpu")["config"])["vae_fingerprint"] != fingerprint:
+        raise SystemExit(f"{flag} {path} was trained on another NVAE than --vae {vae}")
+
+
 def train_stages(args: argparse.Namespace, vae: NVAE, vae_cfg: Any, fingerprint: str, ctx: Any,
                  timings: dict[str, Any]) -> dict[str, Path]:
     """Checkpoints of EVaLP (trained here or --evalp) and both baselines at the chosen learning rates."""
     checkpoints: dict[str, Path] = {}
     for label, path in args.extra_evalp.items():
-        if json.loads(load_checkpoint(path, "evalp", map_location="cpu")["config"])["vae_fingerprint"] != fingerprint:
-            raise SystemExit(f"--extra-evalp {path} was trained on another NVAE than --vae {args.vae}")
+        _require_same_nvae(path, "--extra-evalp", fingerprint, args.vae)
         checkpoints[label] = path
         timings[label] = "reused"
     if args.evalp is not None:
-        if json.loads(load_checkpoint(args.evalp, "evalp", map_location="cpu")["config"])["vae_fingerprint"] != fingerprint:
-            raise SystemExit(f"--evalp {args.evalp} was trained on another NVAE than --vae {args.vae}")
+        _require_same_nvae(args.evalp, "--evalp", fingerprint, args.vae)
         checkpoints["evalp"] = args.evalp
         timings["evalp"] = "reused"
     else:

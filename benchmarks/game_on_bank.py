@@ -68,19 +68,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def bank_batches(bank: TopGroupBank, batch_size: int, generator: torch.Generator) -> list[GroupBatch]:
     """One minibatch of the bank's z_1 (drawn with replacement) with its shared context, as a posterior pass gives."""
-    z = bank.z[torch.randint(bank.z.shape[0], (batch_size,), generator=generator)].to(bank.h.device)
-    n = z.shape[0]
-    return [GroupBatch(0, z, bank.h.expand(n, -1, -1, -1), bank.mu_p.expand(n, -1, -1, -1),
-                       bank.sigma_p.expand(n, -1, -1, -1))]
+    return [bank.batch(bank.z[torch.randint(bank.z.shape[0], (batch_size,), generator=generator)])]
 
 
 def validation_nll(log_density, bank: TopGroupBank, count: int) -> float:
     """Mean -log p(z) of the first count validation-bank rows (nats per image) under log_density(z, mu_p, sigma_p, h)."""
-    z = bank.z[:count].to(bank.h.device)
-    n = z.shape[0]
+    b = bank.batch(bank.z[:count])
     with torch.no_grad():
-        return float(-log_density(z, bank.mu_p.expand(n, -1, -1, -1), bank.sigma_p.expand(n, -1, -1, -1),
-                                  bank.h.expand(n, -1, -1, -1)).mean())
+        return float(-log_density(b.z_pos, b.mu_p, b.sigma_p, b.h).mean())
 
 
 def run_setting(args: argparse.Namespace, overrides: dict[str, Any], steps: int, vae, vae_cfg, fingerprint: str,

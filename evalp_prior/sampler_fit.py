@@ -11,6 +11,7 @@ a bank of z alone describes it; a lower group's context depends on the image and
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 from nvae.data import binarize_if_needed
 from nvae.model import NVAE
 
+from .objectives import GroupBatch
 from .sampler import SharedFlowSampler
 
 # Fixed seeds of the bank's posterior draws and of the fit's minibatches: every rank, and a resumed run, computes
@@ -36,6 +38,11 @@ class TopGroupBank:
     h: torch.Tensor
     mu_p: torch.Tensor
     sigma_p: torch.Tensor
+
+    def batch(self, z: torch.Tensor) -> GroupBatch:
+        """Rows z of this bank (any device) with the shared context expanded to them, as a posterior pass gives."""
+        h, mu_p, sigma_p = (t.expand(z.shape[0], -1, -1, -1) for t in (self.h, self.mu_p, self.sigma_p))
+        return GroupBatch(0, z.to(self.h.device), h, mu_p, sigma_p)
 
 
 @torch.no_grad()
@@ -73,9 +80,8 @@ def fit_sampler(sampler: SharedFlowSampler, bank: TopGroupBank, steps: int, batc
     optimizer = torch.optim.Adam(sampler.parameters(), lr=lr)
 
     def nll(z: torch.Tensor) -> torch.Tensor:
-        n = z.shape[0]
-        return -sampler.log_prob(z.to(device), bank.mu_p.expand(n, -1, -1, -1), bank.sigma_p.expand(n, -1, -1, -1),
-                                 bank.h.expand(n, -1, -1, -1), 0).mean()
+        b = bank.batch(z)
+        return -sampler.log_prob(b.z_pos, b.mu_p, b.sigma_p, b.h, 0).mean()
 
     probe = bank.z[torch.randperm(bank.z.shape[0], generator=generator)[:4096]]
     with torch.no_grad():
@@ -88,6 +94,6 @@ def fit_sampler(sampler: SharedFlowSampler, bank: TopGroupBank, steps: int, batc
             optimizer.step()
     with torch.no_grad():
         after = float(nll(probe))
-    if not (after == after and abs(after) != float("inf")):
+    if not math.isfinite(after):
         raise FloatingPointError(f"the sampler fit diverged (bank NLL {after}); lower --sampler-fit-lr")
     return {"nll_before": before, "nll_after": after}
