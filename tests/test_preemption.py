@@ -125,11 +125,13 @@ def _train_records(run_dir: Path) -> list[dict]:
     return records
 
 
-def _stop_step(run_dir: Path, pattern: str) -> int:
-    """The step named by rank 0's stop message in train.log."""
-    match = re.search(pattern + r": checkpoint written at step (\d+) to (\S+); resume with --resume auto",
-                      (run_dir / "train.log").read_text())
-    assert match, (run_dir / "train.log").read_text()[-2000:]
+def _stop_step(run_dir: Path, pattern: str, launcher_output: str) -> int:
+    """The step named by rank 0's stop message in train.log (on failure: the log, the launcher's output and
+    the checkpoints present, which tell a rank that died from one that never got the signal)."""
+    log = (run_dir / "train.log").read_text()
+    match = re.search(pattern + r": checkpoint written at step (\d+) to (\S+); resume with --resume auto", log)
+    assert match, (f"train.log:\n{log[-2000:]}\nlauncher output:\n{launcher_output[-6000:]}\n"
+                   f"files: {sorted(p.name for p in run_dir.iterdir())}")
     assert match.group(2) == str(run_dir / "checkpoint.pt")
     return int(match.group(1))
 
@@ -160,7 +162,7 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_auto_finishes(tmp_path):
     assert status == TORCHRUN_STATUS, output[-3000:]
     assert "got signal: 15" in output  # torchrun's SignalException after it forwarded the signal
     assert "killed by signal" not in output, output[-3000:]  # loader workers must not die before the checkpoint
-    step = _stop_step(run_dir, "received SIGTERM")
+    step = _stop_step(run_dir, "received SIGTERM", output)
     assert 3 <= step < total
     _check_checkpoint_at(run_dir, step)
     assert [r["step"] for r in _train_records(run_dir)] == list(range(1, step + 1))
@@ -186,7 +188,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_with_status_75(tmp_path):
     assert status == TORCHRUN_STATUS, output[-3000:]
     # torchrun's failure summary lists each rank's own exit status.
     assert len(re.findall(rf"exitcode\s*:\s*{PREEMPTED_EXIT_CODE} ", output)) == 2, output[-3000:]
-    step = _stop_step(run_dir, "received a stop request")  # rank 0 only learnt of it through the all-reduce
+    step = _stop_step(run_dir, "received a stop request", output)  # rank 0 only learnt of it through the all-reduce
     _check_checkpoint_at(run_dir, step)
     assert max(r["step"] for r in _train_records(run_dir)) == step
 
@@ -203,6 +205,6 @@ def test_sigusr1_to_torchrun_is_forwarded_when_listed_in_signals_to_handle(tmp_p
         status = launch.wait()
         output = launch.output()
     assert status == TORCHRUN_STATUS, output[-3000:]
-    step = _stop_step(run_dir, "received SIGUSR1")
+    step = _stop_step(run_dir, "received SIGUSR1", output)
     _check_checkpoint_at(run_dir, step)
 
