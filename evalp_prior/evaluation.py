@@ -49,7 +49,7 @@ from .metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES, Norm
 from .metrics.precision_recall import precision_recall
 from .metrics.timing import seconds_per_image
 from .prior import EVaLPPrior, SamplerDensity
-from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS
+from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS
 
 DEFAULT_FID_STATS_DIR = Path("runs/fid_stats")
 MMD_PERMUTATIONS = 50  # relabellings for each MMD's noise floor and p-value
@@ -84,6 +84,7 @@ class EvalRequest:
     sir_weights: str = DEFAULT_SIR_WEIGHTS
     sir_groups: Optional[Union[list[int], str]] = None  # None, 'all' or group indices (group_selection.parse_sir_groups)
     sir_chunk: int = DEFAULT_SIR_CHUNK
+    sir_temperature: float = DEFAULT_SIR_TEMPERATURE
     langevin_steps: Optional[int] = None
     langevin_step_size: Optional[float] = None
     temperature: float = 1.0
@@ -317,7 +318,8 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
         compile_for_sampling(setup)
     prior_name = req.prior or default_prior(setup)
     prior, bn_prior = build_prior(setup, prior_name, req.sir, req.sir_weights, req.sir_groups, req.sir_chunk,
-                                  langevin_steps=req.langevin_steps, langevin_step_size=req.langevin_step_size)
+                                  sir_temperature=req.sir_temperature, langevin_steps=req.langevin_steps,
+                                  langevin_step_size=req.langevin_step_size)
     sir = sir_proposals(prior)
     assert setup.vae_cfg is not None
     res = EvalResources(setup.vae, setup.vae_cfg, device, req)

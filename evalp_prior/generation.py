@@ -22,7 +22,7 @@ from nvae.trained import load_trained_nvae
 
 from .baselines.langevin import TrainedLangevin, load_langevin
 from .baselines.ncp import TrainedNCP, load_ncp
-from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS
+from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS
 from .train import TrainedEVaLP, load_evalp
 
 @dataclass
@@ -43,6 +43,7 @@ class HookRequest:
     sir_weights: str
     sir_groups: Optional[Union[Sequence[int], str]]
     sir_chunk: int
+    sir_temperature: float
     langevin_steps: Optional[int]
     langevin_step_size: Optional[float]
     tuning: str  # the SIR flags set away from their defaults, for messages
@@ -75,7 +76,7 @@ def _evalp_hooks(trained: TrainedEVaLP, req: HookRequest) -> tuple[PriorHook, Pr
         raise ValueError(f"SIR is off for --prior evalp without --sir M, so {req.tuning} would be ignored")
     groups = trained.groups if req.sir_groups == "all" else (None if req.sir_groups is None else list(req.sir_groups))
     hook = trained.prior(sir_proposals=req.sir or 0, sir_weights=req.sir_weights, sir_groups=groups,
-                         sir_chunk=req.sir_chunk)
+                         sir_chunk=req.sir_chunk, sir_temperature=req.sir_temperature)
     return hook, trained.prior()
 
 
@@ -99,7 +100,7 @@ def _ncp_hooks(trained: TrainedNCP, req: HookRequest) -> tuple[PriorHook, PriorH
     # weightings are the same (proposals from p0 make the exact weight r = exp(-E)). BN re-adjusts with the
     # proposal (NVAE's prior), as EVaLP does with its sampler.
     groups = None if req.sir_groups in (None, "all") else list(req.sir_groups)
-    return trained.prior(req.sir, groups, req.sir_chunk), trained.prior(1)
+    return trained.prior(req.sir, groups, req.sir_chunk, req.sir_temperature), trained.prior(1)
 
 
 def _compile_evalp(trained: TrainedEVaLP) -> None:
@@ -168,6 +169,9 @@ def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="'all' or comma-separated groups (default: evalp the top group, ncp every NCP group)")
     sir.add_argument("--sir-chunk", type=int, default=DEFAULT_SIR_CHUNK,
                      help="proposals per draw evaluated at once (memory bound)")
+    sir.add_argument("--sir-temperature", type=float, default=DEFAULT_SIR_TEMPERATURE,
+                     help="T > 0 tempering the weights to w^(1/T): 1 as the authors; larger T moves less far "
+                          "from the proposal (choose it on the validation half: docs/results.md, section 5)")
     chain = parser.add_argument_group("Langevin chain (langevin only)")
     chain.add_argument("--langevin-steps", type=int, default=None, help="steps K (default: the trained K)")
     chain.add_argument("--langevin-step-size", type=float, default=None,
@@ -175,21 +179,22 @@ def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return sampling
 
 
-def _sir_tuning_flags(sir_weights: str, sir_groups: object, sir_chunk: int) -> list[str]:
+def _sir_tuning_flags(sir_weights: str, sir_groups: object, sir_chunk: int, sir_temperature: float) -> list[str]:
     """The SIR flags set away from their defaults (which a prior that does not resample must refuse)."""
     given = (("--sir-groups", sir_groups is not None), ("--sir-weights", sir_weights != DEFAULT_SIR_WEIGHTS),
-             ("--sir-chunk", sir_chunk != DEFAULT_SIR_CHUNK))
+             ("--sir-chunk", sir_chunk != DEFAULT_SIR_CHUNK),
+             ("--sir-temperature", sir_temperature != DEFAULT_SIR_TEMPERATURE))
     return [flag for flag, is_set in given if is_set]
 
 
 def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir_weights: str = DEFAULT_SIR_WEIGHTS,
                 sir_groups: Optional[Union[Sequence[int], str]] = None, sir_chunk: int = DEFAULT_SIR_CHUNK, *,
-                langevin_steps: Optional[int] = None,
+                sir_temperature: float = DEFAULT_SIR_TEMPERATURE, langevin_steps: Optional[int] = None,
                 langevin_step_size: Optional[float] = None) -> tuple[Optional[PriorHook], Optional[PriorHook]]:
     """(sampling hook, BN re-adjustment hook) for `prior`; checks that the request fits the checkpoint.
 
     Flags that the chosen prior would ignore are errors: --sir and the SIR settings (--sir-groups, or
-    --sir-weights / --sir-chunk away from their defaults) with a prior that does not resample (gaussian,
+    --sir-weights / --sir-chunk / --sir-temperature away from their defaults) with a prior that does not resample (gaussian,
     langevin), or with evalp when --sir is off; --langevin-steps / --langevin-step-size with any prior but
     langevin (default: the checkpoint's trained K and s). sir_groups 'all' means every group the prior models.
     The hooks themselves come from the prior's entry in PRIOR_KINDS.
@@ -202,6 +207,8 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir
         raise ValueError(f"--sir-weights must be one of {SIR_WEIGHTS}, got {sir_weights!r}")
     if sir_chunk < 1:
         raise ValueError(f"--sir-chunk must be >= 1, got {sir_chunk}")
+    if not sir_temperature > 0:
+        raise ValueError(f"--sir-temperature must be > 0, got {sir_temperature}")
     kind = PRIOR_KINDS.get(prior)  # None: NVAE's own Gaussian prior
     if not (kind and kind.chain) and (langevin_steps is not None or langevin_step_size is not None):
         raise ValueError(f"--langevin-steps / --langevin-step-size apply to --prior {_CHAINS} only, not {prior}")
@@ -209,7 +216,7 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir
         raise ValueError(f"--sir resamples with a learned energy or classifier; use it with --prior {_RESAMPLERS}")
     if sir and not kind.resamples:
         raise ValueError(f"--sir does not apply to --prior {prior} ({kind.why_no_sir})")
-    tuning = " / ".join(_sir_tuning_flags(sir_weights, sir_groups, sir_chunk))
+    tuning = " / ".join(_sir_tuning_flags(sir_weights, sir_groups, sir_chunk, sir_temperature))
     if not (kind and kind.resamples) and tuning:
         raise ValueError(f"--prior {prior} does not resample, so {tuning} would be ignored; "
                          f"use with --prior {_RESAMPLERS}")
@@ -219,8 +226,8 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir
         stage = "stage-1" if setup.kind == "nvae" else f"{setup.kind!r}"
         raise ValueError(f"this is a {stage} checkpoint: it has no {prior} prior; use --prior "
                          + " or ".join(available_priors(setup)))
-    return kind.hooks(setup.trained, HookRequest(sir, sir_weights, sir_groups, sir_chunk, langevin_steps,
-                                                 langevin_step_size, tuning))
+    return kind.hooks(setup.trained, HookRequest(sir, sir_weights, sir_groups, sir_chunk, sir_temperature,
+                                                 langevin_steps, langevin_step_size, tuning))
 
 
 def compile_for_sampling(setup: SamplingSetup) -> None:

@@ -17,6 +17,7 @@ SIR_WEIGHTS = ("exact", "energy")
 # less far from the aggregate posterior than `exact` on the real models, and further towards it on the toy.
 DEFAULT_SIR_WEIGHTS = "energy"
 DEFAULT_SIR_CHUNK = 100  # proposals per item evaluated at once: the memory bound of SIR
+DEFAULT_SIR_TEMPERATURE = 1.0  # untempered weights, as the authors resample
 
 
 def sir_log_weight(
@@ -40,8 +41,9 @@ def sir_select(
     chunk: int,
     batch: int,
     generator: torch.Generator | None = None,
+    temperature: float = DEFAULT_SIR_TEMPERATURE,
 ) -> tuple[Proposal, torch.Tensor]:
-    """Pick one of ``num_proposals`` proposals per item with probability softmax(log w), in chunks.
+    """Pick one of ``num_proposals`` proposals per item with probability softmax(log w / temperature), in chunks.
 
     ``propose(k)`` draws k proposals for each of the ``batch`` items: a tensor, or a tuple of tensors
     carrying side information computed at draw time (e.g. log q), each shaped (k, batch, ...); all k
@@ -49,11 +51,17 @@ def sir_select(
     The Gumbel noise comes from ``generator`` (the default generator when None), drawn as one (k, batch)
     uniform block per chunk.
 
+    ``temperature`` T tempers the weights to w^(1/T): T = 1 resamples towards the weights' target, larger T
+    flattens them towards the proposal itself (a learned energy whose scale is not a log-density ratio, such
+    as a Wasserstein critic's, can need T > 1; docs/results.md, section 5).
+
     Returns the chosen proposal (same structure, each tensor (batch, ...)) and the effective sample size
-    per item, (sum w)^2 / sum w^2, from streamed log-sum-exps of log w and 2 log w.
+    per item, (sum w)^2 / sum w^2 of the tempered weights, from streamed log-sum-exps of log w and 2 log w.
     """
     if num_proposals < 1 or chunk < 1:
         raise ValueError(f"need num_proposals >= 1 and chunk >= 1, got {num_proposals} and {chunk}")
+    if not temperature > 0:
+        raise ValueError(f"the SIR temperature must be > 0, got {temperature}")
     best: tuple[torch.Tensor, ...] | None = None
     best_key = lse_w = lse_w2 = torch.empty(0)
     drawn = 0
@@ -65,6 +73,8 @@ def sir_select(
         log_w = log_w.to(torch.promote_types(log_w.dtype, torch.float32))
         if log_w.shape != (k, batch):
             raise ValueError(f"log_weight returned shape {tuple(log_w.shape)}, expected {(k, batch)}")
+        if temperature != 1.0:
+            log_w = log_w / temperature
         uniform = torch.rand(k, batch, generator=generator, device=log_w.device, dtype=log_w.dtype)
         key, index = (log_w - (-uniform.log()).log()).max(dim=0)  # (batch,), first index on ties
         items = torch.arange(batch, device=index.device)

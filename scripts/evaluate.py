@@ -80,6 +80,7 @@ def build_request(args: argparse.Namespace):
                       log_z_item_samples=args.log_z_item_samples, timing=args.timing, timing_batch=args.timing_batch,
                       timing_repeats=args.timing_repeats, sir=args.sir, sir_weights=args.sir_weights,
                       sir_groups=parse_sir_groups(args.sir_groups), sir_chunk=args.sir_chunk,
+                      sir_temperature=args.sir_temperature,
                       langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,
                       temperature=args.temperature, bn_batches=args.bn_batches, batch_size=args.batch_size,
                       data_root=args.data_root, split=args.split, seed=args.seed,

@@ -57,7 +57,8 @@ def main_with_context(args: argparse.Namespace, ctx) -> int:
         compile_for_sampling(setup)
     prior_name = args.prior or default_prior(setup)
     prior, bn_prior = build_prior(setup, prior_name, args.sir, args.sir_weights, parse_sir_groups(args.sir_groups),
-                                  args.sir_chunk, langevin_steps=args.langevin_steps,
+                                  args.sir_chunk, sir_temperature=args.sir_temperature,
+                                  langevin_steps=args.langevin_steps,
                                   langevin_step_size=args.langevin_step_size)
     start = time.perf_counter()
     images = generate(setup.vae, prior, args.n, args.temperature, args.batch_size, args.bn_batches, args.seed, bn_prior)

@@ -35,6 +35,18 @@ def test_extra_evalp_checkpoints_become_rows_of_their_own(prior_checkpoints):
             parse_args(["--out", "o", "--vae", "v.pt", "--extra-evalp", *bad])
 
 
+def test_tempered_sir_rows_carry_their_temperature(prior_checkpoints):
+    args = parse_args(["--out", "o", "--vae", "v.pt", "--sir", "10", "--sir-temperature", "1", "4"])
+    setups = {name: load_for_sampling(prior_checkpoints[name], torch.device("cpu")) for name in ("evalp", "langevin", "ncp")}
+    rows = {label: hook for label, hook, _ in _rows(args, setups)}
+    assert list(rows) == ["gaussian", "evalp", "evalp+sir10", "evalp+sir10_T4", "langevin", "ncp+sir100"]
+    assert (rows["evalp+sir10"].sir_temperature, rows["evalp+sir10_T4"].sir_temperature) == (1.0, 4.0)
+    assert rows["ncp+sir100"].sir_temperature == 1.0  # a classifier's log-ratio needs no tempering
+    for bad in (["--sir-temperature", "0"], ["--sir", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "o", "--vae", "v.pt", *bad])
+
+
 def test_speed_only_settings_are_dropped_at_any_depth():
     config = {"prior": {"lr": 1e-3, "compile": True, "inner": {"checkpoint_activations": True, "seed": 1}}, "compile": 1}
     assert _without_speed_only(config) == {"prior": {"lr": 1e-3, "inner": {"seed": 1}}}

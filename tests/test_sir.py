@@ -73,20 +73,31 @@ def test_chunked_selection_equals_one_argmax():
         torch.testing.assert_close(ess, expected_ess)
 
 
-def test_selection_frequencies_match_softmax():
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_selection_frequencies_match_softmax(temperature):
     # Discrete target: 4 fixed proposals per item with known weights; chi-square over 20000 items.
     batch, logits = 20000, torch.tensor([0.0, 1.0, -1.0, 2.0])
     torch.manual_seed(3)
-    index, _ = sir_select(
+    index, ess = sir_select(
         lambda k: torch.arange(k).view(k, 1).expand(k, batch),
         lambda index: logits[index],
         num_proposals=4,
         chunk=4,
         batch=batch,
+        temperature=temperature,
     )
     observed = torch.bincount(index, minlength=4).numpy()
-    expected = logits.double().softmax(0).numpy() * batch
-    assert stats.chisquare(observed, expected).pvalue > 0.01
+    probs = (logits.double() / temperature).softmax(0)
+    assert stats.chisquare(observed, probs.numpy() * batch).pvalue > 0.01
+    torch.testing.assert_close(ess, torch.full((batch,), 1 / probs.square().sum().item()), check_dtype=False)
+    other = (logits.double() * temperature).softmax(0).numpy() * batch  # 1 / T instead of T: must be rejected
+    if temperature != 1.0:
+        assert stats.chisquare(observed, other).pvalue < 1e-6
+
+
+def test_sir_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sir_select(lambda k: torch.zeros(k, 2), lambda z: z, 4, 2, 2, temperature=0.0)
 
 
 SPECS = [GroupSpec(0, 0, 4, 2, 2, 3), GroupSpec(1, 1, 4, 3, 3, 5)]
@@ -121,14 +132,15 @@ class LinearEnergy(torch.nn.Module):
         return -self.a * z.flatten(1).sum(1)
 
 
-@pytest.mark.parametrize("weights", ["exact", "energy"])
-def test_prior_hook_sir_samples_the_tilted_prior(weights):
-    # Identity sampler (q = p0): both weightings target p0 exp(-E). Each item has its own mu, sigma,
-    # so proposals that do not share their item's context would shift the per-item distribution.
+@pytest.mark.parametrize("weights, temperature", [("exact", 1.0), ("energy", 1.0), ("energy", 0.5)])
+def test_prior_hook_sir_samples_the_tilted_prior(weights, temperature):
+    # Identity sampler (q = p0): both weightings target p0 exp(-E), tempered p0 exp(-E / T). Each item has
+    # its own mu, sigma, so proposals that do not share their item's context would shift the per-item
+    # distribution. E = -a sum z shifts the mean by (a / T) sigma^2: a / T = 0.5 in every case.
     specs = [GroupSpec(0, 0, 2, 1, 1, 3)]
     torch.manual_seed(0)
-    prior = EVaLPPrior(LinearEnergy(0.5), SharedFlowSampler(specs, [0], hidden=8), [0],
-                       sir_proposals=100, sir_weights=weights, sir_chunk=30)
+    prior = EVaLPPrior(LinearEnergy(0.5 * temperature), SharedFlowSampler(specs, [0], hidden=8), [0],
+                       sir_proposals=100, sir_weights=weights, sir_chunk=30, sir_temperature=temperature)
     batch = 2000
     mu = torch.linspace(-3, 3, batch).view(batch, 1, 1, 1).expand(-1, 2, -1, -1)
     sigma = torch.linspace(0.5, 1.5, batch).flip(0).view(batch, 1, 1, 1).expand(-1, 2, -1, -1)
@@ -144,6 +156,8 @@ def test_prior_hook_validates_options():
         _prior(sir_groups=[2])
     with pytest.raises(ValueError):
         _prior(sir_weights="uniform")
+    with pytest.raises(ValueError, match="sir_temperature > 0"):
+        _prior(sir_temperature=-1.0)
 
 
 def _randomised_flow(specs, groups, scale: float = 0.3) -> SharedFlowSampler:
