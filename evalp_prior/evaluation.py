@@ -305,9 +305,12 @@ def likelihood_note(prior_name: str, sir: Optional[int]) -> str:
     return note
 
 
-def prior_label(prior: str, sir: Optional[int]) -> str:
-    """A short name for report files and comparisons, e.g. 'evalp+sir1000'."""
-    return f"{prior}+sir{sir}" if sir and sir > 1 and prior in ("evalp", "ncp") else prior
+def prior_label(prior: str, sir: Optional[int], sir_temperature: float = DEFAULT_SIR_TEMPERATURE) -> str:
+    """A short name for report files and comparisons, e.g. 'evalp+sir1000', or 'evalp+sir1000_T3' with tempered
+    weights (compare_priors names its rows the same way)."""
+    if not (sir and sir > 1 and prior in ("evalp", "ncp")):
+        return prior
+    return f"{prior}+sir{sir}" + (f"_T{sir_temperature:g}" if sir_temperature != DEFAULT_SIR_TEMPERATURE else "")
 
 
 def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> dict[str, Any]:
@@ -333,7 +336,7 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
                                                 normalisers),
                           "split": req.split, "note": likelihood_note(prior_name, sir)}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
-    return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name, "label": prior_label(prior_name, sir),
+    return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name, "label": prior_label(prior_name, sir, req.sir_temperature),
             "description": describe_prior(prior_name, prior), "sir": sir, "dataset": setup.vae_cfg.train.dataset,
             "device": str(device), "request": settings, "metrics": metrics}
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evalp_prior.baselines import load_langevin
+from evalp_prior.evaluation import prior_label
 from evalp_prior.metrics.mmd import median_bandwidth, mmd2_unbiased, posterior_bandwidth, prior_hole_mmd
 from evalp_prior.metrics.timing import seconds_per_image
 from nvae.runtime import CheckpointError
@@ -153,3 +154,11 @@ def test_fid_reference_can_be_the_validation_half(checkpoints):
     assert train.shape == features.shape and not torch.allclose(train, features)
     with pytest.raises(ValueError, match="--fid-reference must be one of"):
         dataclasses.replace(request, fid_reference="test").validate()
+
+
+def test_prior_labels_name_the_sir_settings_that_change_the_samples():
+    assert prior_label("evalp", 100) == "evalp+sir100"
+    assert prior_label("evalp", 100, 3.0) == "evalp+sir100_T3"  # tempered reports do not overwrite untempered ones
+    assert prior_label("ncp", 100, 0.5) == "ncp+sir100_T0.5"
+    assert prior_label("evalp", 1, 3.0) == "evalp"  # one proposal is the sampler itself
+    assert prior_label("gaussian", None) == "gaussian"
