@@ -60,7 +60,7 @@ from evalp_prior.metrics.fid import save_npz_atomic  # noqa: E402
 from evalp_prior.metrics.nll import Normalisers, dataset_nll  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank  # noqa: E402
-from evalp_prior.sir import DEFAULT_SIR_TEMPERATURE  # noqa: E402
+from evalp_prior.sir import DEFAULT_SIR_TEMPERATURE, temperature_tag  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
 from nvae.data.base import HELD_OUT_SEED  # noqa: E402
@@ -262,8 +262,8 @@ REFERENCE_ROWS = {"aggregate_posterior": AggregatePosteriorPrior, "posterior_gau
 def _rows(args: argparse.Namespace, setups: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(label, hook, BN re-adjustment hook) of every compared (trained) prior."""
     rows: list[tuple[str, Any, Any]] = [("gaussian", None, None), ("evalp", *build_prior(setups["evalp"], "evalp"))]
-    rows += [(f"evalp+sir{m}" + (f"_T{t:g}" if t != DEFAULT_SIR_TEMPERATURE else ""),
-              *build_prior(setups["evalp"], "evalp", m, sir_temperature=t)) for m in args.sir for t in args.sir_temperature]
+    rows += [(f"evalp+sir{m}{temperature_tag(t)}", *build_prior(setups["evalp"], "evalp", m, sir_temperature=t))
+             for m in args.sir for t in args.sir_temperature]
     rows += [(label, *build_prior(setups[label], "evalp")) for label in args.extra_evalp]
     rows.append(("langevin", *build_prior(setups["langevin"], "langevin")))
     rows.append((f"ncp+sir{args.ncp_sir}", *build_prior(setups["ncp"], "ncp", args.ncp_sir)))

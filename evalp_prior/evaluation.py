@@ -49,7 +49,7 @@ from .metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES, Norm
 from .metrics.precision_recall import precision_recall
 from .metrics.timing import seconds_per_image
 from .prior import EVaLPPrior, SamplerDensity
-from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS
+from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, temperature_tag
 
 DEFAULT_FID_STATS_DIR = Path("runs/fid_stats")
 MMD_PERMUTATIONS = 50  # relabellings for each MMD's noise floor and p-value
@@ -310,7 +310,7 @@ def prior_label(prior: str, sir: Optional[int], sir_temperature: float = DEFAULT
     weights (compare_priors names its rows the same way)."""
     if not (sir and sir > 1 and prior in ("evalp", "ncp")):
         return prior
-    return f"{prior}+sir{sir}" + (f"_T{sir_temperature:g}" if sir_temperature != DEFAULT_SIR_TEMPERATURE else "")
+    return f"{prior}+sir{sir}{temperature_tag(sir_temperature)}"
 
 
 def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> dict[str, Any]:
@@ -336,7 +336,8 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
                                                 normalisers),
                           "split": req.split, "note": likelihood_note(prior_name, sir)}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
-    return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name, "label": prior_label(prior_name, sir, req.sir_temperature),
+    return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name,
+            "label": prior_label(prior_name, sir, req.sir_temperature),
             "description": describe_prior(prior_name, prior), "sir": sir, "dataset": setup.vae_cfg.train.dataset,
             "device": str(device), "request": settings, "metrics": metrics}
 

@@ -60,7 +60,7 @@ class EVaLPPrior:
     def settings(self) -> str:
         """How it samples, for messages ('' for the sampler alone)."""
         if self.sir_proposals > 1:
-            tempered = f" at temperature {self.sir_temperature:g}" if self.sir_temperature != 1.0 else ""
+            tempered = f" at temperature {self.sir_temperature:g}" if self.sir_temperature != DEFAULT_SIR_TEMPERATURE else ""
             return f"SIR M={self.sir_proposals}, {self.sir_weights} weights{tempered}, at groups {self.sir_groups}"
         return ""
 

@@ -20,6 +20,11 @@ DEFAULT_SIR_CHUNK = 100  # proposals per item evaluated at once: the memory boun
 DEFAULT_SIR_TEMPERATURE = 1.0  # untempered weights, as the authors resample
 
 
+def temperature_tag(temperature: float) -> str:
+    """The suffix that names a tempered SIR in labels and row names ('_T3'); '' at the default."""
+    return f"_T{temperature:g}" if temperature != DEFAULT_SIR_TEMPERATURE else ""
+
+
 def sir_log_weight(
     kind: str, energy: torch.Tensor, log_p0: torch.Tensor | None = None, log_q: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -73,7 +78,7 @@ def sir_select(
         log_w = log_w.to(torch.promote_types(log_w.dtype, torch.float32))
         if log_w.shape != (k, batch):
             raise ValueError(f"log_weight returned shape {tuple(log_w.shape)}, expected {(k, batch)}")
-        if temperature != 1.0:
+        if temperature != DEFAULT_SIR_TEMPERATURE:
             log_w = log_w / temperature
         uniform = torch.rand(k, batch, generator=generator, device=log_w.device, dtype=log_w.dtype)
         key, index = (log_w - (-uniform.log()).log()).max(dim=0)  # (batch,), first index on ties

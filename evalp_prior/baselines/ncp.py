@@ -77,7 +77,7 @@ class NCPPrior(TiltedGaussianDensity):
 
     def settings(self) -> str:
         """How it samples, for messages."""
-        tempered = f", temperature {self.sir_temperature:g}" if self.sir_temperature != 1.0 else ""
+        tempered = f", temperature {self.sir_temperature:g}" if self.sir_temperature != DEFAULT_SIR_TEMPERATURE else ""
         return f"SIR M={self.sir_proposals}{tempered} at groups {self.sir_groups}"
 
     def sample_group(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
