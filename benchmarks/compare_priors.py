@@ -55,12 +55,12 @@ from evalp_prior.baselines.ncp import hole_detector_accuracy, load_ncp  # noqa: 
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
 from evalp_prior.evaluation import (EvalRequest, EvalResources, bn_adjusted, evaluate_prior,  # noqa: E402
                                     likelihood_priors, posterior_and_prior_draws, prior_hole_mmd_per_group)
-from evalp_prior.generation import build_prior, load_for_sampling  # noqa: E402
+from evalp_prior.generation import build_prior, load_for_sampling, sir_temperature_arg  # noqa: E402
 from evalp_prior.metrics.fid import save_npz_atomic  # noqa: E402
 from evalp_prior.metrics.nll import Normalisers, dataset_nll  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank  # noqa: E402
-from evalp_prior.sir import DEFAULT_SIR_TEMPERATURE, temperature_tag  # noqa: E402
+from evalp_prior.sir import DEFAULT_SIR_TEMPERATURE, ESSTarget, temperature_tag  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
 from nvae.data.base import HELD_OUT_SEED  # noqa: E402
@@ -88,9 +88,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--langevin-step-size", type=float, default=0.05, help="Langevin step s in whitened units (noise sqrt(2 s))")
     parser.add_argument("--ncp-sir", type=int, default=100, help="NCP's SIR proposals M at generation")
     parser.add_argument("--sir", type=int, nargs="*", default=[100], help="SIR proposal counts of the EVaLP + SIR rows")
-    parser.add_argument("--sir-temperature", type=float, nargs="+", default=[DEFAULT_SIR_TEMPERATURE],
-                        help="temperatures T tempering the EVaLP + SIR rows' weights to w^(1/T), one row per M and T "
-                             "(named evalp+sirM_TT where T is not 1)")
+    parser.add_argument("--sir-temperature", type=sir_temperature_arg, nargs="+", default=[DEFAULT_SIR_TEMPERATURE],
+                        help="temperatures T tempering the EVaLP + SIR rows' weights to w^(1/T), or ess:F ESS targets "
+                             "(0 < F < 1), one row per M and value (named evalp+sirM_TT or evalp+sirM_essF)")
     parser.add_argument("--fid-samples", type=int, default=1000, help="generated images per row for FID, KID, precision/recall")
     parser.add_argument("--fid-ref-images", type=int, default=10000, help="training images in the cached reference features")
     parser.add_argument("--fid-stats-dir", type=Path, default=Path("runs/fid_stats"), help="cache of reference features")
@@ -117,7 +117,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if any(not name or not sep or not path for name, sep, path in extra):
         parser.error(f"--extra-evalp takes NAME=PATH items, got {args.extra_evalp}")
     args.extra_evalp = {f"evalp[{name}]": Path(path) for name, _, path in extra}
-    if any(not t > 0 for t in args.sir_temperature):
+    if any(not isinstance(t, ESSTarget) and not t > 0 for t in args.sir_temperature):
         parser.error(f"--sir-temperature needs values > 0, got {args.sir_temperature}")
     if any(m < 1 for m in args.sir):
         parser.error(f"--sir needs proposal counts >= 1, got {args.sir}")

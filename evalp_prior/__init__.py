@@ -12,10 +12,11 @@ from evalp_prior.objectives import (
 )
 from evalp_prior.prior import EVaLPPrior
 from evalp_prior.sampler import SharedFlowSampler, gaussian_log_prob
-from evalp_prior.sir import sir_log_weight, sir_select
+from evalp_prior.sir import ESSTarget, sir_log_weight, sir_select
 
 __all__ = [
     "PRIOR_KINDS",
+    "ESSTarget",
     "EVaLPPrior",
     "EnergySet",
     "GroupBatch",

@@ -49,7 +49,7 @@ from .metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES, Norm
 from .metrics.precision_recall import precision_recall
 from .metrics.timing import seconds_per_image
 from .prior import EVaLPPrior, SamplerDensity
-from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, temperature_tag
+from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, SIRTemperature, temperature_tag
 
 DEFAULT_FID_STATS_DIR = Path("runs/fid_stats")
 MMD_PERMUTATIONS = 50  # relabellings for each MMD's noise floor and p-value
@@ -84,7 +84,7 @@ class EvalRequest:
     sir_weights: str = DEFAULT_SIR_WEIGHTS
     sir_groups: Optional[Union[list[int], str]] = None  # None, 'all' or group indices (group_selection.parse_sir_groups)
     sir_chunk: int = DEFAULT_SIR_CHUNK
-    sir_temperature: float = DEFAULT_SIR_TEMPERATURE
+    sir_temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE  # a number or an ESSTarget
     langevin_steps: Optional[int] = None
     langevin_step_size: Optional[float] = None
     temperature: float = 1.0
@@ -305,9 +305,9 @@ def likelihood_note(prior_name: str, sir: Optional[int]) -> str:
     return note
 
 
-def prior_label(prior: str, sir: Optional[int], sir_temperature: float = DEFAULT_SIR_TEMPERATURE) -> str:
-    """A short name for report files and comparisons, e.g. 'evalp+sir1000', or 'evalp+sir1000_T3' with tempered
-    weights (compare_priors names its rows the same way)."""
+def prior_label(prior: str, sir: Optional[int], sir_temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE) -> str:
+    """A short name for report files and comparisons, e.g. 'evalp+sir1000', or 'evalp+sir1000_T3' and
+    'evalp+sir1000_ess0.94' with tempered weights (compare_priors names its rows the same way)."""
     if not (sir and sir > 1 and prior in ("evalp", "ncp")):
         return prior
     return f"{prior}+sir{sir}{temperature_tag(sir_temperature)}"
@@ -335,6 +335,10 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
                                                 res.binarize(), req.batch_size, req.nll_chunk, device, priors,
                                                 normalisers),
                           "split": req.split, "note": likelihood_note(prior_name, sir)}
+    used = getattr(prior, "temperatures_used", {})
+    if used:  # SIR draws per weight temperature and group: what an ess:F target chose
+        metrics["sir_temperatures_used"] = {str(g): {f"{t:.4g}": n for t, n in sorted(c.items())}
+                                            for g, c in used.items()}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
     return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name,
             "label": prior_label(prior_name, sir, req.sir_temperature),
@@ -361,6 +365,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f"+- {g['mmd2_multi_stderr']:.2g}; noise floor {g['null_std_multi']:.2g})"))
         rows.append(("  mean over all groups (given posterior h)", f"{m['mmd']['mean_mmd2_multi']:.4g} (Gaussian prior "
                                                                    f"{m['mmd']['mean_mmd2_multi_gaussian']:.4g})"))
+    for group, counts in m.get("sir_temperatures_used", {}).items():
+        rows.append((f"SIR weight temperatures, group {group}",
+                     ", ".join(f"T={t}: {n} draws" for t, n in counts.items())))
     if "timing" in m:
         t = m["timing"]
         rows.append((f"seconds per image (batch {t['batch_size']})", f"{t['seconds_per_image']:.4g}"))

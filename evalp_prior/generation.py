@@ -22,7 +22,8 @@ from nvae.trained import load_trained_nvae
 
 from .baselines.langevin import TrainedLangevin, load_langevin
 from .baselines.ncp import TrainedNCP, load_ncp
-from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS
+from .sir import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS, SIRTemperature,
+                  check_sir_temperature, parse_sir_temperature)
 from .train import TrainedEVaLP, load_evalp
 
 @dataclass
@@ -43,7 +44,7 @@ class HookRequest:
     sir_weights: str
     sir_groups: Optional[Union[Sequence[int], str]]
     sir_chunk: int
-    sir_temperature: float
+    sir_temperature: SIRTemperature
     langevin_steps: Optional[int]
     langevin_step_size: Optional[float]
     tuning: str  # the SIR flags set away from their defaults, for messages
@@ -169,9 +170,10 @@ def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="'all' or comma-separated groups (default: evalp the top group, ncp every NCP group)")
     sir.add_argument("--sir-chunk", type=int, default=DEFAULT_SIR_CHUNK,
                      help="proposals per draw evaluated at once (memory bound)")
-    sir.add_argument("--sir-temperature", type=float, default=DEFAULT_SIR_TEMPERATURE,
+    sir.add_argument("--sir-temperature", type=sir_temperature_arg, default=DEFAULT_SIR_TEMPERATURE,
                      help="T > 0 tempering the weights to w^(1/T): 1 as the authors; larger T moves less far "
-                          "from the proposal (choose it on the validation half: docs/results.md, section 5)")
+                          "from the proposal; or ess:F, per draw the smallest T keeping an effective sample size "
+                          "of F x M, 0 < F < 1 (docs/results.md, section 5)")
     chain = parser.add_argument_group("Langevin chain (langevin only)")
     chain.add_argument("--langevin-steps", type=int, default=None, help="steps K (default: the trained K)")
     chain.add_argument("--langevin-step-size", type=float, default=None,
@@ -179,7 +181,16 @@ def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return sampling
 
 
-def _sir_tuning_flags(sir_weights: str, sir_groups: object, sir_chunk: int, sir_temperature: float) -> list[str]:
+def sir_temperature_arg(text: str) -> SIRTemperature:
+    """argparse type of --sir-temperature: parse_sir_temperature with its message as the usage error."""
+    try:
+        return parse_sir_temperature(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _sir_tuning_flags(sir_weights: str, sir_groups: object, sir_chunk: int,
+                      sir_temperature: SIRTemperature) -> list[str]:
     """The SIR flags set away from their defaults (which a prior that does not resample must refuse)."""
     given = (("--sir-groups", sir_groups is not None), ("--sir-weights", sir_weights != DEFAULT_SIR_WEIGHTS),
              ("--sir-chunk", sir_chunk != DEFAULT_SIR_CHUNK),
@@ -189,7 +200,7 @@ def _sir_tuning_flags(sir_weights: str, sir_groups: object, sir_chunk: int, sir_
 
 def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir_weights: str = DEFAULT_SIR_WEIGHTS,
                 sir_groups: Optional[Union[Sequence[int], str]] = None, sir_chunk: int = DEFAULT_SIR_CHUNK, *,
-                sir_temperature: float = DEFAULT_SIR_TEMPERATURE, langevin_steps: Optional[int] = None,
+                sir_temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE, langevin_steps: Optional[int] = None,
                 langevin_step_size: Optional[float] = None) -> tuple[Optional[PriorHook], Optional[PriorHook]]:
     """(sampling hook, BN re-adjustment hook) for `prior`; checks that the request fits the checkpoint.
 
@@ -207,8 +218,7 @@ def build_prior(setup: SamplingSetup, prior: str, sir: Optional[int] = None, sir
         raise ValueError(f"--sir-weights must be one of {SIR_WEIGHTS}, got {sir_weights!r}")
     if sir_chunk < 1:
         raise ValueError(f"--sir-chunk must be >= 1, got {sir_chunk}")
-    if not sir_temperature > 0:
-        raise ValueError(f"--sir-temperature must be > 0, got {sir_temperature}")
+    check_sir_temperature(sir_temperature, "--sir-temperature")
     kind = PRIOR_KINDS.get(prior)  # None: NVAE's own Gaussian prior
     if not (kind and kind.chain) and (langevin_steps is not None or langevin_step_size is not None):
         raise ValueError(f"--langevin-steps / --langevin-step-size apply to --prior {_CHAINS} only, not {prior}")

@@ -1,6 +1,7 @@
 """EVaLP as a prior hook for NVAE's top-down sampling (SPEC section 2, generation)."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 from evalp_prior.energy import conditioned_energy
 from evalp_prior.sampler import SharedFlowSampler, gaussian_log_prob, standard_normal_log_prob
 from evalp_prior.sir import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS,
-                             log_mean_weight, sir_log_weight, sir_select)
+                             SIRTemperature, check_sir_temperature, describe_temperature, log_mean_weight,
+                             sir_log_weight, sir_select)
 
 
 # On the CPU, SIR evaluates at most this many latent positions (rows x H x W) at once: about 16k kept the
@@ -34,14 +36,13 @@ class EVaLPPrior:
         sir_weights: str = DEFAULT_SIR_WEIGHTS,
         sir_groups: Sequence[int] | None = None,
         sir_chunk: int = DEFAULT_SIR_CHUNK,
-        sir_temperature: float = DEFAULT_SIR_TEMPERATURE,
+        sir_temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE,
     ) -> None:
         if sir_weights not in SIR_WEIGHTS:
             raise ValueError(f"unknown SIR weighting {sir_weights!r}; choose one of {SIR_WEIGHTS}")
         if sir_chunk < 1 or sir_proposals < 0:
             raise ValueError(f"need sir_chunk >= 1 and sir_proposals >= 0, got {sir_chunk}, {sir_proposals}")
-        if not sir_temperature > 0:
-            raise ValueError(f"need sir_temperature > 0, got {sir_temperature}")
+        check_sir_temperature(sir_temperature, "sir_temperature")
         self.energies = energies
         self.sampler = sampler
         self.groups = sorted(int(g) for g in groups)
@@ -56,11 +57,14 @@ class EVaLPPrior:
         self.sir_temperature = sir_temperature
         # Effective sample size (sum w)^2 / sum w^2 per item of the latest SIR draw of each group: a diagnostic.
         self.last_ess: dict[int, torch.Tensor] = {}
+        self.last_temperature: dict[int, float] = {}  # the temperature of that draw (an ESSTarget chooses it)
+        self.temperatures_used: dict[int, Counter[float]] = {}  # draws per temperature and group, for reports
 
     def settings(self) -> str:
         """How it samples, for messages ('' for the sampler alone)."""
         if self.sir_proposals > 1:
-            tempered = f" at temperature {self.sir_temperature:g}" if self.sir_temperature != DEFAULT_SIR_TEMPERATURE else ""
+            tempered = describe_temperature(self.sir_temperature)
+            tempered = f" at {tempered}" if tempered else ""
             return f"SIR M={self.sir_proposals}, {self.sir_weights} weights{tempered}, at groups {self.sir_groups}"
         return ""
 
@@ -82,8 +86,9 @@ class EVaLPPrior:
     ) -> torch.Tensor:
         """SIR over ``sir_proposals`` sampler draws per item, evaluated at most ``sir_chunk`` per item at a time."""
         propose, log_weight, chunk = self._weighted_proposals(group, h, mu_p, sigma_p, temperature, self.sir_weights)
-        (z, *_), self.last_ess[group] = sir_select(propose, log_weight, self.sir_proposals, chunk, mu_p.shape[0],
-                                                   temperature=self.sir_temperature)
+        (z, *_), self.last_ess[group], self.last_temperature[group] = sir_select(
+            propose, log_weight, self.sir_proposals, chunk, mu_p.shape[0], temperature=self.sir_temperature)
+        self.temperatures_used.setdefault(group, Counter())[self.last_temperature[group]] += 1
         return z
 
     def _weighted_proposals(

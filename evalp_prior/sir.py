@@ -7,7 +7,8 @@ draw, and the running maximum needs only O(batch * chunk) memory. Proposals are 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 
@@ -18,11 +19,63 @@ SIR_WEIGHTS = ("exact", "energy")
 DEFAULT_SIR_WEIGHTS = "energy"
 DEFAULT_SIR_CHUNK = 100  # proposals per item evaluated at once: the memory bound of SIR
 DEFAULT_SIR_TEMPERATURE = 1.0  # untempered weights, as the authors resample
+# Adaptive tempering picks T from this geometric grid (ratio 2^(1/4), 1 to 256): fine enough that the ESS lands
+# within a few per cent of its target, and each grid point keeps only one running choice per item.
+ADAPTIVE_TEMPERATURES = tuple(2.0 ** (k / 4) for k in range(33))
 
 
-def temperature_tag(temperature: float) -> str:
-    """The suffix that names a tempered SIR in labels and row names ('_T3'); '' at the default."""
+@dataclass(frozen=True)
+class ESSTarget:
+    """Adaptive tempering (written ``ess:F``): each SIR draw tempers its weights by the smallest T on
+    ADAPTIVE_TEMPERATURES whose effective sample size, averaged over the draw's items, is at least F x M.
+
+    A learned critic's scale differs between training runs, so one fixed T over- or under-tempers some of
+    them; the ESS fraction is scale-free (docs/results.md, section 5b)."""
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"the SIR ESS target must be a fraction in (0, 1), got ess:{self.fraction:g}")
+
+    def __str__(self) -> str:
+        return f"ess:{self.fraction:g}"
+
+
+SIRTemperature = Union[float, ESSTarget]
+
+
+def parse_sir_temperature(text: str) -> SIRTemperature:
+    """A fixed temperature ('3') or an ESS target ('ess:0.94'), as the command lines write them."""
+    if text.startswith("ess:"):
+        try:
+            return ESSTarget(float(text[len("ess:"):]))
+        except ValueError as error:
+            raise ValueError(f"--sir-temperature ess:F needs a fraction 0 < F < 1, got {text!r}") from error
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--sir-temperature takes a number T > 0 or ess:F (0 < F < 1), got {text!r}") from None
+
+
+def check_sir_temperature(temperature: SIRTemperature, name: str = "the SIR temperature") -> None:
+    """Raise ValueError unless ``temperature`` is a number > 0 or an ESSTarget (valid by construction)."""
+    if not isinstance(temperature, ESSTarget) and not temperature > 0:
+        raise ValueError(f"{name} must be > 0, got {temperature}")
+
+
+def temperature_tag(temperature: SIRTemperature) -> str:
+    """The suffix that names a tempered SIR in labels and row names ('_T3', '_ess0.94'); '' at the default."""
+    if isinstance(temperature, ESSTarget):
+        return f"_ess{temperature.fraction:g}"
     return f"_T{temperature:g}" if temperature != DEFAULT_SIR_TEMPERATURE else ""
+
+
+def describe_temperature(temperature: SIRTemperature) -> str:
+    """'temperature 3' or 'ESS-targeted temperature (ess:0.94)', for hooks' settings; '' at the default."""
+    if isinstance(temperature, ESSTarget):
+        return f"ESS-targeted temperature ({temperature})"
+    return f"temperature {temperature:g}" if temperature != DEFAULT_SIR_TEMPERATURE else ""
 
 
 def sir_log_weight(
@@ -46,9 +99,9 @@ def sir_select(
     chunk: int,
     batch: int,
     generator: torch.Generator | None = None,
-    temperature: float = DEFAULT_SIR_TEMPERATURE,
-) -> tuple[Proposal, torch.Tensor]:
-    """Pick one of ``num_proposals`` proposals per item with probability softmax(log w / temperature), in chunks.
+    temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE,
+) -> tuple[Proposal, torch.Tensor, float]:
+    """Pick one of ``num_proposals`` proposals per item with probability softmax(log w / T), in chunks.
 
     ``propose(k)`` draws k proposals for each of the ``batch`` items: a tensor, or a tuple of tensors
     carrying side information computed at draw time (e.g. log q), each shaped (k, batch, ...); all k
@@ -58,47 +111,54 @@ def sir_select(
 
     ``temperature`` T tempers the weights to w^(1/T): T = 1 resamples towards the weights' target, larger T
     flattens them towards the proposal itself (a learned energy whose scale is not a log-density ratio, such
-    as a Wasserstein critic's, can need T > 1; docs/results.md, section 5).
+    as a Wasserstein critic's, can need T > 1; docs/results.md, section 5). An ESSTarget runs the selection at
+    every T of ADAPTIVE_TEMPERATURES at once (one Gumbel draw shared by all: each T's pick is an exact
+    categorical draw) and keeps the smallest T whose mean ESS reaches the target (the largest if none does).
 
-    Returns the chosen proposal (same structure, each tensor (batch, ...)) and the effective sample size
-    per item, (sum w)^2 / sum w^2 of the tempered weights, from streamed log-sum-exps of log w and 2 log w.
+    Returns the chosen proposal (same structure, each tensor (batch, ...)), the effective sample size per
+    item, (sum w)^2 / sum w^2 of the tempered weights, from streamed log-sum-exps of log w and 2 log w, and
+    the temperature used.
     """
     if num_proposals < 1 or chunk < 1:
         raise ValueError(f"need num_proposals >= 1 and chunk >= 1, got {num_proposals} and {chunk}")
-    if not temperature > 0:
-        raise ValueError(f"the SIR temperature must be > 0, got {temperature}")
-    best: tuple[torch.Tensor, ...] | None = None
+    check_sir_temperature(temperature)
+    temperatures = ADAPTIVE_TEMPERATURES if isinstance(temperature, ESSTarget) else (temperature,)
+    best: tuple[torch.Tensor, ...] | None = None  # each (len(temperatures), batch, ...)
     best_key = lse_w = lse_w2 = torch.empty(0)
     drawn = 0
     while drawn < num_proposals:
         k = min(chunk, num_proposals - drawn)
         proposal = propose(k)
         tensors = proposal if isinstance(proposal, tuple) else (proposal,)
-        log_w = log_weight(*tensors)
-        log_w = log_w.to(torch.promote_types(log_w.dtype, torch.float32))
-        if log_w.shape != (k, batch):
-            raise ValueError(f"log_weight returned shape {tuple(log_w.shape)}, expected {(k, batch)}")
-        if temperature != DEFAULT_SIR_TEMPERATURE:
-            log_w = log_w / temperature
-        uniform = torch.rand(k, batch, generator=generator, device=log_w.device, dtype=log_w.dtype)
-        key, index = (log_w - (-uniform.log()).log()).max(dim=0)  # (batch,), first index on ties
+        raw = log_weight(*tensors)
+        raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
+        if raw.shape != (k, batch):
+            raise ValueError(f"log_weight returned shape {tuple(raw.shape)}, expected {(k, batch)}")
+        log_w = torch.stack([raw if t == DEFAULT_SIR_TEMPERATURE else raw / t for t in temperatures])
+        uniform = torch.rand(k, batch, generator=generator, device=raw.device, dtype=raw.dtype)
+        key, index = (log_w - (-uniform.log()).log()).max(dim=1)  # (T, batch), first index on ties
         items = torch.arange(batch, device=index.device)
         picked = tuple(t[index, items] for t in tensors)
         if best is None:
             best, best_key = picked, key
-            lse_w, lse_w2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
+            lse_w, lse_w2 = log_w.logsumexp(1), (2 * log_w).logsumexp(1)
         else:
             better = key > best_key  # strict: ties keep the earlier proposal, as one argmax would
             best = tuple(
-                torch.where(better.view(-1, *([1] * (p.dim() - 1))), p, b) for p, b in zip(picked, best)
+                torch.where(better.view(*better.shape, *([1] * (p.dim() - 2))), p, b) for p, b in zip(picked, best)
             )
             best_key = torch.where(better, key, best_key)
-            lse_w = torch.logaddexp(lse_w, log_w.logsumexp(0))
-            lse_w2 = torch.logaddexp(lse_w2, (2 * log_w).logsumexp(0))
+            lse_w = torch.logaddexp(lse_w, log_w.logsumexp(1))
+            lse_w2 = torch.logaddexp(lse_w2, (2 * log_w).logsumexp(1))
         drawn += k
     assert best is not None
-    ess = (2 * lse_w - lse_w2).exp()
-    return (best if isinstance(proposal, tuple) else best[0]), ess
+    ess = (2 * lse_w - lse_w2).exp()  # (T, batch)
+    chosen = 0
+    if isinstance(temperature, ESSTarget):
+        reached = (ess.mean(1) >= temperature.fraction * num_proposals).nonzero()
+        chosen = int(reached[0]) if len(reached) else len(temperatures) - 1
+    picked_best = tuple(b[chosen] for b in best)
+    return (picked_best if isinstance(proposal, tuple) else picked_best[0]), ess[chosen], temperatures[chosen]
 
 
 def log_mean_weight(

@@ -173,6 +173,8 @@ CASES = [
          "--sir-chunk must be >= 1, got 0"),
     Case("gen-sir-temperature-0", "generate", GEN + ["--checkpoint", "{evalp}", "--sir", "2", "--sir-temperature", "0"],
          2, "--sir-temperature must be > 0, got 0.0"),
+    Case("gen-sir-ess-target-1", "generate", GEN + ["--checkpoint", "{evalp}", "--sir", "2", "--sir-temperature", "ess:1"],
+         2, "--sir-temperature ess:F needs a fraction 0 < F < 1, got 'ess:1'"),
     Case("gen-sir-temperature-without-sir", "generate", GEN + ["--checkpoint", "{evalp}", "--sir-temperature", "3"], 2,
          "SIR is off for --prior evalp without --sir M, so --sir-temperature would be ignored"),
     Case("gen-batch-size-0", "generate", GEN + ["--batch-size", "0"], 2, "--batch-size must be >= 1, got 0"),

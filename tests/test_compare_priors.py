@@ -17,6 +17,7 @@ from evalp_prior.evaluation import EvalRequest, EvalResources, likelihood_priors
 from evalp_prior.generation import build_prior, load_for_sampling
 from evalp_prior.metrics.nll import dataset_nll
 from evalp_prior.oracle import PosteriorGaussianPrior
+from evalp_prior.sir import ESSTarget
 from evalp_prior.train import load_vae_for_stage2
 from nvae.runtime import load_checkpoint
 from nvae.runtime.checkpoint import LATEST_NAME
@@ -36,13 +37,14 @@ def test_extra_evalp_checkpoints_become_rows_of_their_own(prior_checkpoints):
 
 
 def test_tempered_sir_rows_carry_their_temperature(prior_checkpoints):
-    args = parse_args(["--out", "o", "--vae", "v.pt", "--sir", "10", "--sir-temperature", "1", "4"])
+    args = parse_args(["--out", "o", "--vae", "v.pt", "--sir", "10", "--sir-temperature", "1", "4", "ess:0.9"])
     setups = {name: load_for_sampling(prior_checkpoints[name], torch.device("cpu")) for name in ("evalp", "langevin", "ncp")}
     rows = {label: hook for label, hook, _ in _rows(args, setups)}
-    assert list(rows) == ["gaussian", "evalp", "evalp+sir10", "evalp+sir10_T4", "langevin", "ncp+sir100"]
-    assert (rows["evalp+sir10"].sir_temperature, rows["evalp+sir10_T4"].sir_temperature) == (1.0, 4.0)
+    assert list(rows) == ["gaussian", "evalp", "evalp+sir10", "evalp+sir10_T4", "evalp+sir10_ess0.9", "langevin",
+                          "ncp+sir100"]
+    assert [rows[f"evalp+sir10{tag}"].sir_temperature for tag in ("", "_T4", "_ess0.9")] == [1.0, 4.0, ESSTarget(0.9)]
     assert rows["ncp+sir100"].sir_temperature == 1.0  # a classifier's log-ratio needs no tempering
-    for bad in (["--sir-temperature", "0"], ["--sir", "0"]):
+    for bad in (["--sir-temperature", "0"], ["--sir-temperature", "ess:1.5"], ["--sir", "0"]):
         with pytest.raises(SystemExit):
             parse_args(["--out", "o", "--vae", "v.pt", *bad])
 

@@ -11,6 +11,7 @@ from evalp_prior.baselines import load_langevin
 from evalp_prior.evaluation import prior_label
 from evalp_prior.metrics.mmd import median_bandwidth, mmd2_unbiased, posterior_bandwidth, prior_hole_mmd
 from evalp_prior.metrics.timing import seconds_per_image
+from evalp_prior.sir import ADAPTIVE_TEMPERATURES, ESSTarget
 from nvae.runtime import CheckpointError
 from tests.helpers import run_script
 
@@ -51,16 +52,20 @@ def _check_common(report: dict) -> None:
 def test_every_checkpoint_kind_evaluates_against_the_same_posterior(checkpoints):
     # FID once: the Inception features of the reference and generated images dominate this test.
     stage1 = _evaluate(checkpoints, "nvae", "stage1.json")
-    stage2 = _evaluate(checkpoints, "evalp", "stage2.json", *FID, "--sir", "5")
+    stage2 = _evaluate(checkpoints, "evalp", "stage2.json", *FID, "--sir", "5", "--sir-temperature", "ess:0.9")
     assert (checkpoints["cache"] / "fid_features_synthetic-train.npz").is_file()
     langevin = _evaluate(checkpoints, "langevin", "langevin.json", "--langevin-steps", "1")
     ncp = _evaluate(checkpoints, "ncp", "ncp.json")
-    reports = {"gaussian": stage1, "evalp+sir5": stage2, "langevin": langevin, "ncp+sir4": ncp}
+    reports = {"gaussian": stage1, "evalp+sir5_ess0.9": stage2, "langevin": langevin, "ncp+sir4": ncp}
     for label, report in reports.items():
         assert report["label"] == label
         _check_common(report)
     # The table names the prior as generate.py does, with the settings its hook samples with.
-    assert stage2["description"] == "evalp (SIR M=5, energy weights, at groups [0])"
+    assert stage2["description"] == "evalp (SIR M=5, energy weights at ESS-targeted temperature (ess:0.9), at groups [0])"
+    # The report says which temperatures the ESS target chose: grid points, one count per SIR draw of group 0.
+    used = stage2["metrics"]["sir_temperatures_used"]
+    assert list(used) == ["0"] and sum(used["0"].values()) >= 2  # at least the FID batch and the timed calls
+    assert set(used["0"]) <= {f"{t:.4g}" for t in ADAPTIVE_TEMPERATURES}
     assert ncp["description"] == "ncp (SIR M=4 at groups [0, 1, 2])" and stage1["description"] == "gaussian"
     assert langevin["description"] == "langevin (1 Langevin steps, step size 0.05)"
     fid = stage2["metrics"]["fid"]
@@ -160,5 +165,6 @@ def test_prior_labels_name_the_sir_settings_that_change_the_samples():
     assert prior_label("evalp", 100) == "evalp+sir100"
     assert prior_label("evalp", 100, 3.0) == "evalp+sir100_T3"  # tempered reports do not overwrite untempered ones
     assert prior_label("ncp", 100, 0.5) == "ncp+sir100_T0.5"
+    assert prior_label("evalp", 100, ESSTarget(0.94)) == "evalp+sir100_ess0.94"
     assert prior_label("evalp", 1, 3.0) == "evalp"  # one proposal is the sampler itself
     assert prior_label("gaussian", None) == "gaussian"

@@ -6,7 +6,8 @@ from scipy import stats
 from evalp_prior.energy import EnergySet
 from evalp_prior.prior import EVaLPPrior
 from evalp_prior.sampler import SharedFlowSampler, gaussian_log_prob
-from evalp_prior.sir import sir_log_weight, sir_select
+from evalp_prior.sir import (ADAPTIVE_TEMPERATURES, ESSTarget, parse_sir_temperature, sir_log_weight, sir_select,
+                             temperature_tag)
 from nvae.hooks import GroupSpec, PriorHook
 
 PROPOSAL = torch.distributions.Normal(0.0, 2.0)
@@ -16,7 +17,7 @@ TARGET = torch.distributions.Normal(1.0, 0.5)
 def _resample(log_weight, batch: int = 3000, proposals: int = 200, chunk: int = 37) -> torch.Tensor:
     """SIR draws for ``batch`` items from N(0, 2^2) proposals."""
     torch.manual_seed(0)
-    z, _ = sir_select(lambda k: PROPOSAL.sample((k, batch)), log_weight, proposals, chunk, batch)
+    z, _, _ = sir_select(lambda k: PROPOSAL.sample((k, batch)), log_weight, proposals, chunk, batch)
     return z
 
 
@@ -65,20 +66,30 @@ def test_chunked_selection_equals_one_argmax():
     w = table.exp()
     expected_ess = w.sum(0) ** 2 / w.square().sum(0)
     for chunk in (1, 7, proposals, 100):
-        (index, aux), ess = sir_select(
+        (index, aux), ess, used = sir_select(
             make_proposer(), log_weight, proposals, chunk, batch, torch.Generator().manual_seed(2)
         )
+        assert used == 1.0
         assert torch.equal(index, expected)
         assert torch.equal(aux, table[expected, items] * 10)
         torch.testing.assert_close(ess, expected_ess)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def _brute_force_ess_temperature(log_w: torch.Tensor, fraction: float) -> float:
+    """The smallest grid temperature whose mean ESS over items (columns) is at least fraction x M, else the largest."""
+    for t in ADAPTIVE_TEMPERATURES:
+        w = (log_w.double() / t).exp()
+        if (w.sum(0) ** 2 / w.square().sum(0)).mean() >= fraction * log_w.shape[0]:
+            return t
+    return ADAPTIVE_TEMPERATURES[-1]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5, ESSTarget(0.9)])
 def test_selection_frequencies_match_softmax(temperature):
     # Discrete target: 4 fixed proposals per item with known weights; chi-square over 20000 items.
     batch, logits = 20000, torch.tensor([0.0, 1.0, -1.0, 2.0])
     torch.manual_seed(3)
-    index, ess = sir_select(
+    index, ess, used = sir_select(
         lambda k: torch.arange(k).view(k, 1).expand(k, batch),
         lambda index: logits[index],
         num_proposals=4,
@@ -86,6 +97,10 @@ def test_selection_frequencies_match_softmax(temperature):
         batch=batch,
         temperature=temperature,
     )
+    if isinstance(temperature, ESSTarget):
+        temperature = _brute_force_ess_temperature(logits.view(4, 1), temperature.fraction)
+        assert 1.0 < temperature < ADAPTIVE_TEMPERATURES[-1]  # an interior grid point: the search did something
+    assert used == temperature
     observed = torch.bincount(index, minlength=4).numpy()
     probs = (logits.double() / temperature).softmax(0)
     assert stats.chisquare(observed, probs.numpy() * batch).pvalue > 0.01
@@ -98,6 +113,43 @@ def test_selection_frequencies_match_softmax(temperature):
 def test_sir_temperature_must_be_positive():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         sir_select(lambda k: torch.zeros(k, 2), lambda z: z, 4, 2, 2, temperature=0.0)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.7, 0.95, 0.999999])
+def test_ess_target_picks_the_smallest_grid_temperature_that_reaches_it(fraction):
+    # Items with different weight spreads; the pick must equal the Gumbel-max draw at the brute-force temperature
+    # with the same noise, whatever the chunking.
+    batch, proposals = 6, 40
+    log_w = torch.randn(proposals, batch, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.5, 4, batch)
+    expected_t = _brute_force_ess_temperature(log_w, fraction)
+    uniform = torch.rand(proposals, batch, generator=torch.Generator().manual_seed(5))
+    expected = (log_w / expected_t - (-uniform.log()).log()).argmax(dim=0)
+    w = (log_w.double() / expected_t).exp()
+    for chunk in (1, 9, proposals):
+        drawn = [0]
+
+        def propose(k):
+            index = torch.arange(drawn[0], drawn[0] + k).view(k, 1).expand(k, batch)
+            drawn[0] += k
+            return index
+
+        index, ess, used = sir_select(propose, lambda i: log_w[i, torch.arange(batch)], proposals, chunk, batch,
+                                      torch.Generator().manual_seed(5), temperature=ESSTarget(fraction))
+        assert used == expected_t
+        assert torch.equal(index, expected)
+        torch.testing.assert_close(ess, (w.sum(0) ** 2 / w.square().sum(0)).float())
+    if fraction < 0.999999:
+        assert ess.mean() >= fraction * proposals
+    else:
+        assert used == ADAPTIVE_TEMPERATURES[-1]  # unreachable: the flattest grid point
+
+
+def test_sir_temperature_parsing_and_names():
+    assert parse_sir_temperature("3") == 3.0 and temperature_tag(3.0) == "_T3" and temperature_tag(1.0) == ""
+    assert parse_sir_temperature("ess:0.94") == ESSTarget(0.94) and temperature_tag(ESSTarget(0.94)) == "_ess0.94"
+    for bad in ("ess:1", "ess:0", "ess:x", "hot"):
+        with pytest.raises(ValueError, match="--sir-temperature"):
+            parse_sir_temperature(bad)
 
 
 SPECS = [GroupSpec(0, 0, 4, 2, 2, 3), GroupSpec(1, 1, 4, 3, 3, 5)]
@@ -156,8 +208,28 @@ def test_prior_hook_validates_options():
         _prior(sir_groups=[2])
     with pytest.raises(ValueError):
         _prior(sir_weights="uniform")
-    with pytest.raises(ValueError, match="sir_temperature > 0"):
+    with pytest.raises(ValueError, match="sir_temperature must be > 0"):
         _prior(sir_temperature=-1.0)
+
+
+def test_prior_hook_with_an_ess_target_samples_the_prior_tilted_at_its_chosen_temperature():
+    # Identity sampler, E = -a sum z: the weights' spread sets T; the draw must follow p0 exp(-E / T) for the
+    # T the hook reports (mean shifted by (a / T) sigma^2), keep the targeted ESS, and differ from T = 1.
+    specs = [GroupSpec(0, 0, 2, 1, 1, 3)]
+    torch.manual_seed(0)
+    a, batch = 2.0, 2000
+    prior = EVaLPPrior(LinearEnergy(a), SharedFlowSampler(specs, [0], hidden=8), [0], sir_proposals=100,
+                       sir_chunk=30, sir_temperature=ESSTarget(0.8))
+    mu = torch.linspace(-3, 3, batch).view(batch, 1, 1, 1).expand(-1, 2, -1, -1)
+    sigma = torch.full_like(mu, 0.7)
+    z = prior.sample_group(0, torch.ones(batch, 3, 1, 1), mu, sigma, 1.0)
+    t = prior.last_temperature[0]
+    assert t in ADAPTIVE_TEMPERATURES and t > 1.0
+    assert prior.last_ess[0].mean() >= 0.8 * 100
+    standardised = (z - mu - (a / t) * sigma.square()) / sigma
+    assert stats.kstest(standardised.flatten().numpy(), "norm").pvalue > 0.01
+    untempered = (z - mu - a * sigma.square()) / sigma
+    assert stats.kstest(untempered.flatten().numpy(), "norm").statistic > 0.1
 
 
 def _randomised_flow(specs, groups, scale: float = 0.3) -> SharedFlowSampler:
@@ -215,7 +287,7 @@ def test_prior_hook_sir_picks_what_repeated_contexts_pick(weights):
 
     torch.manual_seed(5)
     with torch.no_grad():
-        (expected, _), _ = sir_select(propose, log_weight, proposals, chunk, batch)
+        (expected, _), _, _ = sir_select(propose, log_weight, proposals, chunk, batch)
     prior = EVaLPPrior(energies, sampler, [0, 1], sir_proposals=proposals, sir_weights=weights,
                        sir_groups=[1], sir_chunk=chunk)
     torch.manual_seed(5)

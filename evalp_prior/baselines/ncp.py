@@ -24,7 +24,8 @@ from nvae.model import NVAE
 
 from ..density import TiltedGaussianDensity
 from ..objectives import GroupBatch
-from ..sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, sir_select
+from ..sir import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, SIRTemperature, check_sir_temperature,
+                   describe_temperature, sir_select)
 from .common import Baseline, BaselineConfig, BaselineTask, TrainedBaseline
 
 KIND = "ncp"
@@ -60,11 +61,10 @@ class NCPPrior(TiltedGaussianDensity):
 
     def __init__(self, energies: nn.Module, groups: Sequence[int], sir_proposals: int = 100,
                  sir_groups: Optional[Sequence[int]] = None, sir_chunk: int = DEFAULT_SIR_CHUNK,
-                 sir_temperature: float = DEFAULT_SIR_TEMPERATURE) -> None:
+                 sir_temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE) -> None:
         if sir_proposals < 1 or sir_chunk < 1:
             raise ValueError(f"need sir_proposals >= 1 and sir_chunk >= 1, got {sir_proposals}, {sir_chunk}")
-        if not sir_temperature > 0:
-            raise ValueError(f"need sir_temperature > 0, got {sir_temperature}")
+        check_sir_temperature(sir_temperature, "sir_temperature")
         self.energies = energies
         self.groups = sorted(int(g) for g in groups)
         self.sir_groups = list(self.groups) if sir_groups is None else sorted(int(g) for g in sir_groups)
@@ -77,7 +77,8 @@ class NCPPrior(TiltedGaussianDensity):
 
     def settings(self) -> str:
         """How it samples, for messages."""
-        tempered = f", temperature {self.sir_temperature:g}" if self.sir_temperature != DEFAULT_SIR_TEMPERATURE else ""
+        tempered = describe_temperature(self.sir_temperature)
+        tempered = f", {tempered}" if tempered else ""
         return f"SIR M={self.sir_proposals}{tempered} at groups {self.sir_groups}"
 
     def sample_group(self, group: int, h: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor,
@@ -87,7 +88,7 @@ class NCPPrior(TiltedGaussianDensity):
             return None
         propose, log_weight = self._p0_proposals(group, h, mu_p, temperature * sigma_p)
         with torch.no_grad():
-            z, _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, mu_p.shape[0],
+            z, _, _ = sir_select(propose, log_weight, self.sir_proposals, self.sir_chunk, mu_p.shape[0],
                               temperature=self.sir_temperature)
         return z.to(mu_p.dtype)
 
@@ -135,7 +136,7 @@ class TrainedNCP:
     base: TrainedBaseline
 
     def prior(self, sir_proposals: Optional[int] = None, sir_groups: Optional[Sequence[int]] = None,
-              sir_chunk: int = DEFAULT_SIR_CHUNK, sir_temperature: float = DEFAULT_SIR_TEMPERATURE) -> NCPPrior:
+              sir_chunk: int = DEFAULT_SIR_CHUNK, sir_temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE) -> NCPPrior:
         """The hook with the run's M (or another), SIR at every NCP group unless sir_groups says otherwise."""
         m = self.base.run_cfg.prior.sir_proposals if sir_proposals is None else sir_proposals
         return NCPPrior(self.base.energies, self.base.groups, m, sir_groups, sir_chunk, sir_temperature)
