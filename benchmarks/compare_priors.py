@@ -60,7 +60,7 @@ from evalp_prior.metrics.fid import save_npz_atomic  # noqa: E402
 from evalp_prior.metrics.nll import Normalisers, dataset_nll  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank  # noqa: E402
-from evalp_prior.sir import DEFAULT_SIR_TEMPERATURE, ESSTarget, temperature_tag  # noqa: E402
+from evalp_prior.sir import DEFAULT_SIR_TEMPERATURE, check_sir_temperature, temperature_tag  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
 from nvae.data.base import HELD_OUT_SEED  # noqa: E402
@@ -117,8 +117,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if any(not name or not sep or not path for name, sep, path in extra):
         parser.error(f"--extra-evalp takes NAME=PATH items, got {args.extra_evalp}")
     args.extra_evalp = {f"evalp[{name}]": Path(path) for name, _, path in extra}
-    if any(not isinstance(t, ESSTarget) and not t > 0 for t in args.sir_temperature):
-        parser.error(f"--sir-temperature needs values > 0, got {args.sir_temperature}")
+    try:
+        for t in args.sir_temperature:
+            check_sir_temperature(t, "--sir-temperature")
+    except ValueError as error:
+        parser.error(str(error))
     if any(m < 1 for m in args.sir):
         parser.error(f"--sir needs proposal counts >= 1, got {args.sir}")
     return args
