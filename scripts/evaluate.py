@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evalp_prior.generation import add_prior_args  # noqa: E402
 from evalp_prior.group_selection import parse_sir_groups  # noqa: E402
 from evalp_prior.metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES  # noqa: E402
+from nvae.runtime.flags import DefaultsHelpFormatter  # noqa: E402
 from nvae.runtime.process import run_entry  # noqa: E402
 
 FULL_FID = 50000  # `--fid` without a number: the standard sample count (a GPU job)
@@ -25,7 +26,7 @@ FULL_NLL = 1000  # `--nll` without a number: NVAE's importance-sample count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt of kind nvae, evalp, langevin or ncp")
     io.add_argument("--out", type=Path, default=None, help="JSON report (default: CHECKPOINT_DIR/eval_<prior label>.json, e.g. eval_evalp+sir100.json)")

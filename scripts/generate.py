@@ -16,11 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evalp_prior.generation import add_prior_args  # noqa: E402
 from evalp_prior.group_selection import parse_sir_groups  # noqa: E402
+from nvae.runtime.flags import DefaultsHelpFormatter  # noqa: E402
 from nvae.runtime.process import run_entry  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt of kind nvae, evalp, langevin or ncp")
     io.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write")

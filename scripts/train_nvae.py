@@ -9,11 +9,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nvae.stage1_command import add_stage1_args, run_stage1  # noqa: E402
+from nvae.runtime.flags import DefaultsHelpFormatter  # noqa: E402
 from nvae.runtime.process import run_entry  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     add_stage1_args(parser)
     args = parser.parse_args()
     run_entry(lambda ctx: run_stage1(args, ctx), args.device)

@@ -1,9 +1,11 @@
 """Fast single-process tests of nvae.runtime: checkpoints, RNG, sampler, precision, signals, logging."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +36,8 @@ from nvae.runtime import (
     seed_everything,
 )
 from nvae.runtime import checkpoint as checkpoint_module
+from nvae.runtime.flags import DefaultsHelpFormatter
+from tests.helpers import run_script
 
 
 def _payload(step: int, kind: str = "nvae") -> dict:
@@ -288,3 +292,39 @@ def test_cpu_runs_keep_freed_tensor_memory_for_reuse():
 
     assert released_mb("plain") > 150
     assert released_mb("keep") < 20
+
+
+# ---- command-line help ---------------------------------------------------------------------------
+
+
+def test_help_states_each_default_once():
+    """A default is appended where the help does not give one; never "(default: None)", never a second one."""
+    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="training steps")
+    parser.add_argument("--groups", default=None, help="groups with a prior (default: the top group)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to read")
+    parser.add_argument("--batch", type=int, default=64, help="images per call (default: 64 per process)")
+    text = " ".join(parser.format_help().split())
+    assert "training steps (default: 5)" in text
+    assert "(default: None)" not in text
+    assert "(default: the top group)" in text and text.count("default: the top group") == 1
+    assert "checkpoint to read" in text and "checkpoint to read (default" not in text
+    assert text.count("default: 64") == 1
+
+
+@pytest.mark.parametrize("script", ["train_nvae.py", "train_nvae_evalp.py", "generate.py", "evaluate.py"])
+def test_entry_point_help_never_prints_a_none_default(script):
+    """Every flag of the entry points has a help text, and none ends in a misleading "(default: None)"."""
+    done = run_script(f"scripts/{script}", "--help", timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "(default: None)" not in text
+    lines = done.stdout.splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        if line.startswith("  -"):  # "  --flag METAVAR   help", or the help on the next, deeper-indented line
+            same_line = len(re.split(r"\s{2,}", line.strip(), maxsplit=1)) == 2
+            next_line = i + 1 < len(lines) and lines[i + 1].startswith(" " * 8) and not lines[i + 1].strip().startswith("-")
+            if not (same_line or next_line):
+                undocumented.append(line.strip())
+    assert not undocumented, f"{script}: flags without help: {undocumented}"

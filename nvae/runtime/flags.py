@@ -10,6 +10,18 @@ import typing
 from typing import Any
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already says what its default is or the default
+    is None: a None default means "decided elsewhere" (a preset, the checkpoint), which the help text states,
+    and a printed "(default: None)" would contradict it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _flag(name: str, flag_prefix: str = "") -> str:
     return "--" + flag_prefix + name.replace("_", "-")
 
