@@ -53,14 +53,15 @@ from benchmarks.figures import plot_bars, plot_prior_hole, plot_sample_grids  # 
 from evalp_prior.baselines import langevin_run_config, ncp_run_config, train_langevin, train_ncp  # noqa: E402
 from evalp_prior.baselines.ncp import hole_detector_accuracy, load_ncp  # noqa: E402
 from evalp_prior.config import EVaLPConfig, EVaLPRunConfig  # noqa: E402
-from evalp_prior.evaluation import (EvalRequest, EvalResources, bn_adjusted, evaluate_prior,  # noqa: E402
-                                    likelihood_priors, posterior_and_prior_draws, prior_hole_mmd_per_group)
+from evalp_prior.evaluation import (EvalRequest, EvalResources, bn_adjusted, calibrate_on_validation,  # noqa: E402
+                                    evaluate_prior, likelihood_priors, posterior_and_prior_draws, prior_hole_mmd_per_group)
 from evalp_prior.generation import build_prior, load_for_sampling, sir_temperature_arg  # noqa: E402
 from evalp_prior.metrics.fid import save_npz_atomic  # noqa: E402
 from evalp_prior.metrics.nll import Normalisers, dataset_nll  # noqa: E402
 from evalp_prior.metrics.timing import seconds_per_image  # noqa: E402
 from evalp_prior.oracle import AggregatePosteriorPrior, PosteriorGaussianPrior, aggregate_posterior_bank  # noqa: E402
 from evalp_prior.sir import DEFAULT_SIR_TEMPERATURE, check_sir_temperature, temperature_tag  # noqa: E402
+from evalp_prior.sir_calibration import DEFAULT_CALIBRATION_IMAGES  # noqa: E402
 from evalp_prior.train import load_vae_for_stage2, train_evalp  # noqa: E402
 from nvae.config import SPEED_ONLY_FIELDS  # noqa: E402
 from nvae.data.base import HELD_OUT_SEED  # noqa: E402
@@ -89,8 +90,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ncp-sir", type=int, default=100, help="NCP's SIR proposals M at generation")
     parser.add_argument("--sir", type=int, nargs="*", default=[100], help="SIR proposal counts of the EVaLP + SIR rows")
     parser.add_argument("--sir-temperature", type=sir_temperature_arg, nargs="+", default=[DEFAULT_SIR_TEMPERATURE],
-                        help="temperatures T tempering the EVaLP + SIR rows' weights to w^(1/T), or ess:F ESS targets "
-                             "(0 < F < 1), one row per M and value (named evalp+sirM_TT or evalp+sirM_essF)")
+                        help="temperatures T tempering the EVaLP + SIR rows' weights to w^(1/T), ess:F ESS targets "
+                             "(0 < F < 1) or calibrated (T fitted on 2000 validation-half images), one row per M and "
+                             "value (named evalp+sirM_TT, evalp+sirM_essF or evalp+sirM_calibrated)")
     parser.add_argument("--fid-samples", type=int, default=1000, help="generated images per row for FID, KID, precision/recall")
     parser.add_argument("--fid-ref-images", type=int, default=10000, help="training images in the cached reference features")
     parser.add_argument("--fid-stats-dir", type=Path, default=Path("runs/fid_stats"), help="cache of reference features")
@@ -273,6 +275,19 @@ def _rows(args: argparse.Namespace, setups: dict[str, Any]) -> list[tuple[str, A
     return rows
 
 
+def calibrate_rows(rows: list[tuple[str, Any, Any]], setups: dict[str, Any],
+                   device: torch.device) -> dict[str, dict[str, Any]]:
+    """Fit the SIR temperature of every ``calibrated`` row on the validation half before any row samples;
+    returns each such row's calibration (SIRCalibration.to_json) by label."""
+    calibrations = {}
+    for label, hook, _ in rows:
+        fitted = calibrate_on_validation(setups["evalp"], hook, DEFAULT_CALIBRATION_IMAGES, 64, None, device)
+        if fitted is not None:
+            calibrations[label] = fitted.to_json()
+            print(f"{label}: {fitted.describe()}", flush=True)
+    return calibrations
+
+
 def interleaved_timing(rows: list[tuple[str, Any, Any]], vae: NVAE, args: argparse.Namespace,
                        device: torch.device) -> dict[str, dict[str, Any]]:
     """Seconds per image of every row's NVAE.sample at one batch size, timed round-robin (one call per row
@@ -317,6 +332,7 @@ def run_seed(args: argparse.Namespace) -> None:
     checkpoints = train_stages(args, vae, vae_cfg, fingerprint, ctx, timings)
     setups = {name: load_for_sampling(path, ctx.device) for name, path in checkpoints.items()}
     rows = _rows(args, setups)
+    calibrations = calibrate_rows(rows, setups, ctx.device)
     if args.timing:
         timing = interleaved_timing(rows, vae, args, ctx.device)
         save_text_atomic(args.out / "timing.json", json.dumps(
@@ -331,7 +347,9 @@ def run_seed(args: argparse.Namespace) -> None:
     settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(req).items()
                    if k not in SPEED_ONLY_FIELDS}, "held_out_seed": HELD_OUT_SEED}
     results = {label: _cached(args.out / "eval" / f"{label}.json", {**settings, "checkpoint": str(checkpoints.get(label.split("+")[0], args.vae))},
-                              lambda h=hook, b=bn: evaluate_prior(res, h, b)) for label, hook, bn in rows}
+                              lambda h=hook, b=bn, c=calibrations.get(label): {
+                                  **evaluate_prior(res, h, b), **({"sir_calibration": c} if c else {})})
+               for label, hook, bn in rows}
     densities = {"gaussian": None}
     for label, hook, _ in rows[1:]:
         if "+sir" not in label or label.startswith("ncp"):

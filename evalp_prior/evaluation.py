@@ -49,7 +49,9 @@ from .metrics.nll import DEFAULT_LOG_Z_ITEM_SAMPLES, DEFAULT_LOG_Z_SAMPLES, Norm
 from .metrics.precision_recall import precision_recall
 from .metrics.timing import seconds_per_image
 from .prior import EVaLPPrior, SamplerDensity
-from .sir import DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, SIRTemperature, temperature_tag
+from .sir import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, Calibrated, SIRTemperature,
+                  temperature_tag)
+from .sir_calibration import DEFAULT_CALIBRATION_IMAGES, SIRCalibration, calibrate_sir
 
 DEFAULT_FID_STATS_DIR = Path("runs/fid_stats")
 MMD_PERMUTATIONS = 50  # relabellings for each MMD's noise floor and p-value
@@ -84,7 +86,8 @@ class EvalRequest:
     sir_weights: str = DEFAULT_SIR_WEIGHTS
     sir_groups: Optional[Union[list[int], str]] = None  # None, 'all' or group indices (group_selection.parse_sir_groups)
     sir_chunk: int = DEFAULT_SIR_CHUNK
-    sir_temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE  # a number or an ESSTarget
+    sir_temperature: SIRTemperature = DEFAULT_SIR_TEMPERATURE  # a number, an ESSTarget or Calibrated
+    sir_calibration_images: int = DEFAULT_CALIBRATION_IMAGES  # validation-half images fitting a Calibrated one
     langevin_steps: Optional[int] = None
     langevin_step_size: Optional[float] = None
     temperature: float = 1.0
@@ -313,6 +316,17 @@ def prior_label(prior: str, sir: Optional[int], sir_temperature: SIRTemperature 
     return f"{prior}+sir{sir}{temperature_tag(sir_temperature)}"
 
 
+def calibrate_on_validation(setup: SamplingSetup, hook: Optional[PriorHook], num: int, batch_size: int,
+                            data_root: Optional[str], device: torch.device) -> Optional[SIRCalibration]:
+    """Fit the hook's SIR temperature on the validation half (never the reported test half) when it asked for
+    ``calibrated`` (sir_calibration.calibrate_sir); None for any other hook or temperature."""
+    if not isinstance(getattr(hook, "sir_temperature", None), Calibrated):
+        return None
+    assert setup.vae_cfg is not None and isinstance(hook, EVaLPPrior)
+    res = EvalResources(setup.vae, setup.vae_cfg, device, EvalRequest(data_root=data_root, split="validation"))
+    return calibrate_sir(hook, setup.vae, res.held_out(), num, batch_size, res.binarize(), device)
+
+
 def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> dict[str, Any]:
     """Load any checkpoint kind, evaluate the requested (or its own) prior, and return the JSON report."""
     req.validate()
@@ -325,8 +339,12 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
                                   langevin_step_size=req.langevin_step_size)
     sir = sir_proposals(prior)
     assert setup.vae_cfg is not None
+    calibration = calibrate_on_validation(setup, prior, req.sir_calibration_images, req.batch_size, req.data_root,
+                                          device)
     res = EvalResources(setup.vae, setup.vae_cfg, device, req)
     metrics = evaluate_prior(res, prior, bn_prior)
+    if calibration is not None:
+        metrics["sir_calibration"] = calibration.to_json()
     if req.nll_samples:
         torch.manual_seed(req.seed)
         priors = likelihood_priors(prior_name, prior)
@@ -340,6 +358,8 @@ def evaluate_checkpoint(path: Path, req: EvalRequest, device: torch.device) -> d
         metrics["sir_temperatures_used"] = {str(g): {f"{t:.4g}": n for t, n in sorted(c.items())}
                                             for g, c in used.items()}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
+    settings["sir_temperature"] = (req.sir_temperature if isinstance(req.sir_temperature, float)
+                                   else str(req.sir_temperature))  # 'ess:0.94', 'calibrated'
     return {"checkpoint": str(path), "kind": setup.kind, "prior": prior_name,
             "label": prior_label(prior_name, sir, req.sir_temperature),
             "description": describe_prior(prior_name, prior), "sir": sir, "dataset": setup.vae_cfg.train.dataset,
@@ -365,6 +385,12 @@ def format_report(report: dict[str, Any]) -> str:
                      f"+- {g['mmd2_multi_stderr']:.2g}; noise floor {g['null_std_multi']:.2g})"))
         rows.append(("  mean over all groups (given posterior h)", f"{m['mmd']['mean_mmd2_multi']:.4g} (Gaussian prior "
                                                                    f"{m['mmd']['mean_mmd2_multi_gaussian']:.4g})"))
+    if "sir_calibration" in m:
+        c = m["sir_calibration"]
+        rows.append((f"SIR calibration, group {c['group']} ({c['num_images']} validation images)",
+                     f"T = {c['temperature'] if isinstance(c['temperature'], str) else format(c['temperature'], '.4g')}"
+                     f" (slope {c['fit']['slope']:.4g}, balanced accuracy {c['fit']['accuracy']:.3f}, cross-entropy "
+                     f"{c['log_loss_gain'] * 1e3:.3g} x 1e-3 nats below chance)"))
     for group, counts in m.get("sir_temperatures_used", {}).items():
         rows.append((f"SIR weight temperatures, group {group}",
                      ", ".join(f"T={t}: {n} draws" for t, n in counts.items())))

@@ -22,8 +22,9 @@ from nvae.trained import load_trained_nvae
 
 from .baselines.langevin import TrainedLangevin, load_langevin
 from .baselines.ncp import TrainedNCP, load_ncp
-from .sir import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS, SIRTemperature,
-                  check_sir_temperature, parse_sir_temperature)
+from .sir import (DEFAULT_SIR_CHUNK, DEFAULT_SIR_TEMPERATURE, DEFAULT_SIR_WEIGHTS, SIR_WEIGHTS, Calibrated,
+                  SIRTemperature, check_sir_temperature, parse_sir_temperature)
+from .sir_calibration import DEFAULT_CALIBRATION_IMAGES
 from .train import TrainedEVaLP, load_evalp
 
 @dataclass
@@ -100,6 +101,9 @@ def _ncp_hooks(trained: TrainedNCP, req: HookRequest) -> tuple[PriorHook, PriorH
     # --sir is M (default: the checkpoint's), at every NCP group unless --sir-groups says otherwise; both
     # weightings are the same (proposals from p0 make the exact weight r = exp(-E)). BN re-adjusts with the
     # proposal (NVAE's prior), as EVaLP does with its sampler.
+    if isinstance(req.sir_temperature, Calibrated):
+        raise ValueError("--sir-temperature calibrated applies to --prior evalp: NCP's classifier is trained as "
+                         "the log density ratio itself, so its weights need no calibration")
     groups = None if req.sir_groups in (None, "all") else list(req.sir_groups)
     return trained.prior(req.sir, groups, req.sir_chunk, req.sir_temperature), trained.prior(1)
 
@@ -173,12 +177,23 @@ def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     sir.add_argument("--sir-temperature", type=sir_temperature_arg, default=DEFAULT_SIR_TEMPERATURE,
                      help="T > 0 tempering the weights to w^(1/T): 1 as the authors; larger T moves less far "
                           "from the proposal; or ess:F, per draw the smallest T keeping an effective sample size "
-                          "of F x M, 0 < F < 1 (ess:0.94 measured best for evalp: docs/results.md, section 5b)")
+                          "of F x M, 0 < F < 1; or calibrated (evalp): T fitted on validation-half posterior "
+                          "samples, SIR off where the critic has no signal (docs/results.md, section 5c)")
+    sir.add_argument("--sir-calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+                     help="validation-half images whose posterior samples fit --sir-temperature calibrated")
     chain = parser.add_argument_group("Langevin chain (langevin only)")
     chain.add_argument("--langevin-steps", type=int, default=None, help="steps K (default: the trained K)")
     chain.add_argument("--langevin-step-size", type=float, default=None,
                        help="step size s, noise sqrt(2 s) (default: the trained s)")
     return sampling
+
+
+def check_calibration_images(sir_temperature: SIRTemperature, images: int) -> None:
+    """Refuse --sir-calibration-images below 2, or away from its default without --sir-temperature calibrated."""
+    if images < 2:
+        raise ValueError(f"--sir-calibration-images needs at least 2 images, got {images}")
+    if images != DEFAULT_CALIBRATION_IMAGES and not isinstance(sir_temperature, Calibrated):
+        raise ValueError("--sir-calibration-images applies to --sir-temperature calibrated only")
 
 
 def sir_temperature_arg(text: str) -> SIRTemperature:

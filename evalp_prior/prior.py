@@ -1,6 +1,7 @@
 """EVaLP as a prior hook for NVAE's top-down sampling (SPEC section 2, generation)."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Callable, Optional, Sequence
 
@@ -59,9 +60,12 @@ class EVaLPPrior:
         self.last_ess: dict[int, torch.Tensor] = {}
         self.last_temperature: dict[int, float] = {}  # the temperature of that draw (an ESSTarget chooses it)
         self.temperatures_used: dict[int, Counter[float]] = {}  # draws per temperature and group, for reports
+        self.sir_calibration = None  # a sir_calibration.SIRCalibration once calibrate_sir has fitted the temperature
 
     def settings(self) -> str:
         """How it samples, for messages ('' for the sampler alone)."""
+        if self.sir_calibration is not None:
+            return f"SIR M={self.sir_proposals}, {self.sir_weights} weights, {self.sir_calibration.describe()}"
         if self.sir_proposals > 1:
             tempered = describe_temperature(self.sir_temperature)
             tempered = f" at {tempered}" if tempered else ""
@@ -75,7 +79,8 @@ class EVaLPPrior:
         if group not in self.groups:
             return None
         with torch.no_grad():
-            if group in self.sir_groups and self.sir_proposals > 1:
+            # T = inf (a calibration that found no signal) weighs every proposal alike: the sampler's own draw.
+            if group in self.sir_groups and self.sir_proposals > 1 and self.sir_temperature != math.inf:
                 z = self._sir(group, h, mu_p, sigma_p, temperature)
             else:
                 z, _ = self.sampler(mu_p, sigma_p, h, group, temperature)

@@ -42,11 +42,23 @@ class ESSTarget:
         return f"ess:{self.fraction:g}"
 
 
-SIRTemperature = Union[float, ESSTarget]
+@dataclass(frozen=True)
+class Calibrated:
+    """A temperature fitted to held-out data (written ``calibrated``): T = 1 / a for the slope a of a logistic
+    regression telling posterior samples from the sampler's by the log-weight (evalp_prior.sir_calibration).
+    It must be resolved to a number before SIR draws; a = 0 (no signal) resolves to T = inf, SIR off."""
+
+    def __str__(self) -> str:
+        return "calibrated"
+
+
+SIRTemperature = Union[float, ESSTarget, Calibrated]
 
 
 def parse_sir_temperature(text: str) -> SIRTemperature:
-    """A fixed temperature ('3') or an ESS target ('ess:0.94'), as the command lines write them."""
+    """A fixed temperature ('3'), an ESS target ('ess:0.94') or 'calibrated', as the command lines write them."""
+    if text == "calibrated":
+        return Calibrated()
     if text.startswith("ess:"):
         try:
             return ESSTarget(float(text[len("ess:"):]))
@@ -55,19 +67,23 @@ def parse_sir_temperature(text: str) -> SIRTemperature:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--sir-temperature takes a number T > 0 or ess:F (0 < F < 1), got {text!r}") from None
+        raise ValueError(f"--sir-temperature takes a number T > 0, ess:F (0 < F < 1) or calibrated, "
+                         f"got {text!r}") from None
 
 
 def check_sir_temperature(temperature: SIRTemperature, name: str = "the SIR temperature") -> None:
-    """Raise ValueError unless ``temperature`` is a number > 0 or an ESSTarget (valid by construction)."""
-    if not isinstance(temperature, ESSTarget) and not temperature > 0:
+    """Raise ValueError unless ``temperature`` is a number > 0 (inf: SIR off), an ESSTarget or Calibrated."""
+    if not isinstance(temperature, (ESSTarget, Calibrated)) and not temperature > 0:
         raise ValueError(f"{name} must be > 0, got {temperature}")
 
 
 def temperature_tag(temperature: SIRTemperature) -> str:
-    """The suffix that names a tempered SIR in labels and row names ('_T3', '_ess0.94'); '' at the default."""
+    """The suffix that names a tempered SIR in labels and row names ('_T3', '_ess0.94', '_calibrated'); '' at the
+    default."""
     if isinstance(temperature, ESSTarget):
         return f"_ess{temperature.fraction:g}"
+    if isinstance(temperature, Calibrated):
+        return "_calibrated"
     return f"_T{temperature:g}" if temperature != DEFAULT_SIR_TEMPERATURE else ""
 
 
@@ -75,6 +91,8 @@ def describe_temperature(temperature: SIRTemperature) -> str:
     """'temperature 3' or 'ESS-targeted temperature (ess:0.94)', for hooks' settings; '' at the default."""
     if isinstance(temperature, ESSTarget):
         return f"ESS-targeted temperature ({temperature})"
+    if isinstance(temperature, Calibrated):
+        return "a temperature still to be calibrated"
     return f"temperature {temperature:g}" if temperature != DEFAULT_SIR_TEMPERATURE else ""
 
 
@@ -122,6 +140,9 @@ def sir_select(
     if num_proposals < 1 or chunk < 1:
         raise ValueError(f"need num_proposals >= 1 and chunk >= 1, got {num_proposals} and {chunk}")
     check_sir_temperature(temperature)
+    if isinstance(temperature, Calibrated):
+        raise ValueError("a calibrated SIR temperature must be fitted before sampling "
+                         "(evalp_prior.sir_calibration.calibrate_sir)")
     temperatures = ADAPTIVE_TEMPERATURES if isinstance(temperature, ESSTarget) else (temperature,)
     best: tuple[torch.Tensor, ...] | None = None  # each (len(temperatures), batch, ...)
     best_key = lse_w = lse_w2 = torch.empty(0)

@@ -68,11 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_request(args: argparse.Namespace):
     """The EvalRequest the flags describe (validated)."""
     from evalp_prior.evaluation import EvalRequest
+    from evalp_prior.generation import check_calibration_images
 
     if args.fid is not None and args.fid < 2:
         raise ValueError(f"--fid needs at least 2 samples, got {args.fid}")
     if args.nll is not None and args.nll < 1:
         raise ValueError(f"--nll needs K >= 1 importance samples, got {args.nll}")
+    check_calibration_images(args.sir_temperature, args.sir_calibration_images)
     req = EvalRequest(prior=args.prior, fid_samples=args.fid or 0, fid_batch=args.fid_batch,
                       fid_ref_images=args.fid_ref_images, fid_reference=args.fid_reference,
                       fid_stats_dir=args.fid_stats_dir, mmd=args.mmd,
@@ -81,7 +83,7 @@ def build_request(args: argparse.Namespace):
                       log_z_item_samples=args.log_z_item_samples, timing=args.timing, timing_batch=args.timing_batch,
                       timing_repeats=args.timing_repeats, sir=args.sir, sir_weights=args.sir_weights,
                       sir_groups=parse_sir_groups(args.sir_groups), sir_chunk=args.sir_chunk,
-                      sir_temperature=args.sir_temperature,
+                      sir_temperature=args.sir_temperature, sir_calibration_images=args.sir_calibration_images,
                       langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,
                       temperature=args.temperature, bn_batches=args.bn_batches, batch_size=args.batch_size,
                       data_root=args.data_root, split=args.split, seed=args.seed,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evalp_prior.generation import add_prior_args  # noqa: E402
+from evalp_prior.generation import add_prior_args, check_calibration_images  # noqa: E402
 from evalp_prior.group_selection import parse_sir_groups  # noqa: E402
 from nvae.runtime.flags import DefaultsHelpFormatter  # noqa: E402
 from nvae.runtime.process import run_entry  # noqa: E402
@@ -27,6 +27,9 @@ def parse_args() -> argparse.Namespace:
     io.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write")
     io.add_argument("--npz", type=Path, default=None, help="also write the images as uint8 (N, H, W, C) .npz")
     io.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
+    io.add_argument("--data-root", default=None,
+                    help="directory of the NVAE's data set if it moved since stage 1 (read only by --sir-temperature "
+                         "calibrated; default: as stage 1 recorded)")
     sampling = add_prior_args(parser)
     sampling.add_argument("--n", type=int, default=64, help="number of images")
     sampling.add_argument("--batch-size", type=int, default=64, help="images per sampling call")
@@ -46,9 +49,11 @@ def check_args(args: argparse.Namespace) -> None:
         if path is not None and path.is_dir():
             raise ValueError(f"{flag} {path} is a directory; give a file path")
     parse_sir_groups(args.sir_groups)
+    check_calibration_images(args.sir_temperature, args.sir_calibration_images)
 
 
 def main_with_context(args: argparse.Namespace, ctx) -> int:
+    from evalp_prior.evaluation import calibrate_on_validation
     from evalp_prior.generation import (build_prior, compile_for_sampling, default_prior, describe_prior, generate,
                                         load_for_sampling, save_outputs)
 
@@ -61,6 +66,7 @@ def main_with_context(args: argparse.Namespace, ctx) -> int:
                                   args.sir_chunk, sir_temperature=args.sir_temperature,
                                   langevin_steps=args.langevin_steps,
                                   langevin_step_size=args.langevin_step_size)
+    calibrate_on_validation(setup, prior, args.sir_calibration_images, args.batch_size, args.data_root, ctx.device)
     start = time.perf_counter()
     images = generate(setup.vae, prior, args.n, args.temperature, args.batch_size, args.bn_batches, args.seed, bn_prior)
     seconds = time.perf_counter() - start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 
 import pytest
@@ -11,14 +12,16 @@ import torch
 
 from pathlib import Path
 
-from benchmarks.compare_priors import (_add_reference_likelihood, _rows, _stage, _without_speed_only, parse_args,
-                                     validation_mmd2_top)
+from benchmarks.compare_priors import (_add_reference_likelihood, _rows, _stage, _without_speed_only, calibrate_rows,
+                                     parse_args, validation_mmd2_top)
 from evalp_prior.evaluation import EvalRequest, EvalResources, likelihood_priors, prior_hole_mmd_per_group
 from evalp_prior.generation import build_prior, load_for_sampling
 from evalp_prior.metrics.nll import dataset_nll
 from evalp_prior.oracle import PosteriorGaussianPrior
 from evalp_prior.sir import ESSTarget
+from evalp_prior.sir_calibration import DEFAULT_CALIBRATION_IMAGES
 from evalp_prior.train import load_vae_for_stage2
+from nvae.data import get_dataset, held_out_part
 from nvae.runtime import load_checkpoint
 from nvae.runtime.checkpoint import LATEST_NAME
 
@@ -37,12 +40,22 @@ def test_extra_evalp_checkpoints_become_rows_of_their_own(prior_checkpoints):
 
 
 def test_tempered_sir_rows_carry_their_temperature(prior_checkpoints):
-    args = parse_args(["--out", "o", "--vae", "v.pt", "--sir", "10", "--sir-temperature", "1", "4", "ess:0.9"])
+    args = parse_args(["--out", "o", "--vae", "v.pt", "--sir", "10", "--sir-temperature", "1", "4", "ess:0.9",
+                       "calibrated"])
     setups = {name: load_for_sampling(prior_checkpoints[name], torch.device("cpu")) for name in ("evalp", "langevin", "ncp")}
-    rows = {label: hook for label, hook, _ in _rows(args, setups)}
-    assert list(rows) == ["gaussian", "evalp", "evalp+sir10", "evalp+sir10_T4", "evalp+sir10_ess0.9", "langevin",
-                          "ncp+sir100"]
+    row_list = _rows(args, setups)
+    rows = {label: hook for label, hook, _ in row_list}
+    assert list(rows) == ["gaussian", "evalp", "evalp+sir10", "evalp+sir10_T4", "evalp+sir10_ess0.9",
+                          "evalp+sir10_calibrated", "langevin", "ncp+sir100"]
     assert [rows[f"evalp+sir10{tag}"].sir_temperature for tag in ("", "_T4", "_ess0.9")] == [1.0, 4.0, ESSTarget(0.9)]
+    # The calibrated row gets its T on the validation half before anything samples; no other row is touched.
+    calibrations = calibrate_rows(row_list, setups, torch.device("cpu"))
+    assert list(calibrations) == ["evalp+sir10_calibrated"]
+    fitted = calibrations["evalp+sir10_calibrated"]
+    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+    assert fitted["num_images"] == min(DEFAULT_CALIBRATION_IMAGES, len(validation))
+    expected = math.inf if fitted["fit"]["slope"] <= 0 else 1 / fitted["fit"]["slope"]
+    assert rows["evalp+sir10_calibrated"].sir_temperature == pytest.approx(expected)
     assert rows["ncp+sir100"].sir_temperature == 1.0  # a classifier's log-ratio needs no tempering
     for bad in (["--sir-temperature", "0"], ["--sir-temperature", "ess:1.5"], ["--sir", "0"]):
         with pytest.raises(SystemExit):

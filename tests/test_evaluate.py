@@ -97,6 +97,8 @@ def test_every_checkpoint_kind_evaluates_against_the_same_posterior(checkpoints)
     ("nvae", [], "nothing to evaluate"),
     ("langevin", ["--timing", "--sir", "10"], "--sir does not apply to --prior langevin"),
     ("evalp", ["--timing", "--prior", "ncp"], "'evalp' checkpoint: it has no ncp prior; use --prior gaussian or evalp"),
+    ("ncp", ["--timing", "--sir", "2", "--sir-temperature", "calibrated"],
+     "--sir-temperature calibrated applies to --prior evalp"),
 ])
 def test_bad_input_exits_2_with_a_message(checkpoints, kind, flags, message):
     path = checkpoints["root"] / "nope.pt" if kind == "missing" else checkpoints[kind]
@@ -168,3 +170,18 @@ def test_prior_labels_name_the_sir_settings_that_change_the_samples():
     assert prior_label("evalp", 100, ESSTarget(0.94)) == "evalp+sir100_ess0.94"
     assert prior_label("evalp", 1, 3.0) == "evalp"  # one proposal is the sampler itself
     assert prior_label("gaussian", None) == "gaussian"
+
+
+def test_calibrated_sir_fits_its_temperature_on_the_validation_half_and_samples_at_it(checkpoints):
+    report = _evaluate(checkpoints, "evalp", "calibrated.json", "--sir", "4", "--sir-temperature", "calibrated",
+                       "--sir-calibration-images", "24")
+    calibration = report["metrics"]["sir_calibration"]
+    assert report["label"] == "evalp+sir4_calibrated" and report["request"]["sir_temperature"] == "calibrated"
+    assert calibration["group"] == 0 and calibration["num_images"] == 24 and calibration["weights"] == "energy"
+    slope, temperature = calibration["fit"]["slope"], calibration["temperature"]
+    used = report["metrics"].get("sir_temperatures_used", {})
+    if slope > 0:  # every SIR draw ran at the fitted T = 1 / slope
+        assert temperature == pytest.approx(1 / slope) and list(used) == ["0"]
+        assert list(used["0"]) == [f"{temperature:.4g}"]
+    else:  # no signal: SIR is off and no draw resampled
+        assert temperature == "inf" and not used
