@@ -59,7 +59,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, p
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
         explained = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-        help_text = f"{explained} (preset or default: {default})" if explained else f"(preset or default: {default})"
+        if default is None and explained:  # the field's comment says what None means; "(default: None)" would not
+            help_text = explained
+        else:
+            help_text = f"{explained} (preset or default: {default})" if explained else f"(preset or default: {default})"
         dest = prefix + f.name
         if kind is bool:
             group.add_argument(_flag(f.name, flag_prefix), dest=dest, action=argparse.BooleanOptionalAction, default=None,
