@@ -99,3 +99,15 @@ def run_script(*args: str, torchrun: int = 0, timeout: int = 900, env: dict | No
     else:
         cmd = [sys.executable, *args]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+class LinearEnergy(torch.nn.Module):
+    """E(z) = -a <1, z>: tilting N(mu, sigma^2) by exp(-E) gives N(mu + a sigma^2, sigma^2); a critic that ranks
+    along one direction at scale a."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = a
+
+    def forward(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return -self.a * z.flatten(1).sum(1)

@@ -9,6 +9,7 @@ from evalp_prior.sampler import SharedFlowSampler, gaussian_log_prob
 from evalp_prior.sir import (ADAPTIVE_TEMPERATURES, ESSTarget, parse_sir_temperature, sir_log_weight, sir_select,
                              temperature_tag)
 from nvae.hooks import GroupSpec, PriorHook
+from tests.helpers import LinearEnergy
 
 PROPOSAL = torch.distributions.Normal(0.0, 2.0)
 TARGET = torch.distributions.Normal(1.0, 0.5)
@@ -171,17 +172,6 @@ def test_prior_hook_at_identity_reproduces_nvae():
     torch.manual_seed(7)
     assert torch.equal(prior.sample_group(1, h, mu, sigma, 0.8), nvae_draw)
     assert EVaLPPrior(prior.energies, prior.sampler, [0]).sample_group(1, h, mu, sigma, 1.0) is None
-
-
-class LinearEnergy(torch.nn.Module):
-    """E(z) = -<a, z>: tilting N(mu, sigma^2) by exp(-E) gives N(mu + a sigma^2, sigma^2)."""
-
-    def __init__(self, a: float) -> None:
-        super().__init__()
-        self.a = a
-
-    def forward(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return -self.a * z.flatten(1).sum(1)
 
 
 @pytest.mark.parametrize("weights, temperature", [("exact", 1.0), ("energy", 1.0), ("energy", 0.5)])

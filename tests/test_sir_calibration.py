@@ -12,6 +12,7 @@ from evalp_prior.sampler import SharedFlowSampler
 from evalp_prior.sir import Calibrated, parse_sir_temperature, sir_select, temperature_tag
 from evalp_prior.sir_calibration import calibrate_sir, fit_logit
 from nvae.model import GroupSpec
+from tests.helpers import LinearEnergy
 
 
 def test_fit_logit_recovers_the_log_ratio_of_two_gaussians():
@@ -50,17 +51,6 @@ def test_fit_logit_refuses_too_few_or_non_finite_scores():
         fit_logit(torch.ones(1), torch.zeros(5))
     with pytest.raises(ValueError, match="non-finite"):
         fit_logit(torch.tensor([0.0, math.inf]), torch.zeros(5))
-
-
-class LinearEnergy(torch.nn.Module):
-    """E(z) = -a <1, z>: a critic that ranks along the right direction at scale a."""
-
-    def __init__(self, a: float) -> None:
-        super().__init__()
-        self.a = a
-
-    def forward(self, group: int, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return -self.a * z.flatten(1).sum(1)
 
 
 class ShiftedPosterior:
