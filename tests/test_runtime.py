@@ -261,7 +261,9 @@ def test_run_logger_writes_files_only_when_enabled(tmp_path):
     assert "hello" in (run / "train.log").read_text()
     assert json.loads((run / "metrics.jsonl").read_text()) == {"step": 5, "loss": 1.5, "bad": None}
     assert (run / "samples/step5.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((run / "options.json").read_text())["lr"] == 0.1
+    options = json.loads((run / "options.json").read_text())
+    assert options["lr"] == 0.1 and options["environment"]["torch"] == torch.__version__
+    assert options["environment"]["torch_threads"] == torch.get_num_threads()  # reruns depend on it
     assert any((run / "tb").iterdir())
 
 

@@ -105,10 +105,13 @@ class RunLogger:
             atomic_write(target, lambda tmp: torchvision.utils.save_image(grid, tmp, format="png"))
 
     def save_options(self, options: Mapping[str, Any]) -> None:
-        """Write run_dir/options.json atomically (non-JSON values such as paths are stored as strings)."""
+        """Write run_dir/options.json atomically (non-JSON values such as paths are stored as strings), with the
+        software and CPU threads the run used: floating-point reductions, hence reruns, depend on them."""
         if not self.enabled:
             return
-        text = json.dumps(dict(options), indent=2, sort_keys=True, default=str) + "\n"
+        environment = {"python": sys.version.split()[0], "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads()}
+        text = json.dumps({**dict(options), "environment": environment}, indent=2, sort_keys=True, default=str) + "\n"
         atomic_write(self.run_dir / "options.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def close(self) -> None:
