@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from nvae.data import binarize_if_needed
 from nvae.model import NVAE
 
-from .prior import EVaLPPrior, SamplerDensity
+from .prior import EVaLPPrior
+from .sampler import gaussian_log_prob
+from .sir import sir_log_weight
 
 CALIBRATION_SEED = 2_718_281  # posterior and sampler draws of the calibration: the same whatever the run's seed
 DEFAULT_CALIBRATION_IMAGES = 2000
@@ -41,6 +43,11 @@ class LogitFit:
     log_loss: float
     log_loss_null: float
     accuracy: float
+
+    @property
+    def log_loss_gain(self) -> float:
+        """Nats per sample the score saves over ignoring it: 0 for a score without signal."""
+        return self.log_loss_null - self.log_loss
 
 
 def fit_logit(score_pos: torch.Tensor, score_neg: torch.Tensor, iterations: int = 100) -> LogitFit:
@@ -105,14 +112,13 @@ class SIRCalibration:
         """A JSON-ready dict (an infinite temperature as the string 'inf')."""
         out = asdict(self)
         out["temperature"] = "inf" if math.isinf(self.temperature) else self.temperature
-        out["log_loss_gain"] = self.fit.log_loss_null - self.fit.log_loss
+        out["log_loss_gain"] = self.fit.log_loss_gain
         return out
 
     def describe(self) -> str:
         """One line: the temperature, and the signal it was fitted from."""
-        gain = self.fit.log_loss_null - self.fit.log_loss
-        told = (f"slope {self.fit.slope:.3g}, balanced accuracy {self.fit.accuracy:.3f}, "
-                f"cross-entropy {gain * 1e3:.2f} x 1e-3 nats below chance on {self.num_images} held-out images")
+        told = (f"slope {self.fit.slope:.3g}, balanced accuracy {self.fit.accuracy:.3f}, cross-entropy "
+                f"{self.fit.log_loss_gain * 1e3:.2f} x 1e-3 nats below chance on {self.num_images} held-out images")
         if math.isinf(self.temperature):
             return f"SIR off at group {self.group}: the critic's ranking does not tell posterior from sampler ({told})"
         return f"calibrated temperature {self.temperature:.3g} at group {self.group} ({told})"
@@ -131,14 +137,15 @@ def calibrate_sir(hook: EVaLPPrior, vae: NVAE, dataset: Dataset, num: int, batch
     if n < 2:
         raise ValueError(f"--sir-temperature calibrated needs at least 2 held-out images, got {n}")
     group = hook.sir_groups[0]
-    sampler_density = SamplerDensity(hook.sampler, hook.groups)
 
     def score(z: torch.Tensor, st: Any) -> torch.Tensor:
-        """The SIR log-weight of z given the group's context (sir.sir_log_weight's two kinds)."""
-        s = hook.log_density_ratio(group, z, st.h, st.mu_p, st.sigma_p)  # -E: the energy weights
-        if hook.sir_weights == "exact":  # -E + log p0 - log q_alpha
-            s = s - sampler_density.log_density_ratio(group, z, st.h, st.mu_p, st.sigma_p)
-        return s.double().cpu()
+        """The SIR log-weight of z given the group's context, as the hook weighs its proposals."""
+        energy = -hook.log_density_ratio(group, z, st.h, st.mu_p, st.sigma_p)
+        densities = ()
+        if hook.sir_weights == "exact":
+            densities = (gaussian_log_prob(z, st.mu_p, st.sigma_p),
+                         hook.sampler.log_prob(z, st.mu_p, st.sigma_p, st.h, group))
+        return sir_log_weight(hook.sir_weights, energy, *densities).double().cpu()
 
     pos, neg = [], []
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
