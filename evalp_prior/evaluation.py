@@ -389,8 +389,8 @@ def format_report(report: dict[str, Any]) -> str:
         c = m["sir_calibration"]
         rows.append((f"SIR calibration, group {c['group']} ({c['num_images']} validation images)",
                      f"T = {c['temperature'] if isinstance(c['temperature'], str) else format(c['temperature'], '.4g')}"
-                     f" (slope {c['fit']['slope']:.4g}, balanced accuracy {c['fit']['accuracy']:.3f}, cross-entropy "
-                     f"{c['log_loss_gain'] * 1e3:.3g} x 1e-3 nats below chance)"))
+                     f" (slope {c['fit']['slope']:.4g}, p = {c['p_value']:.2g}, balanced accuracy "
+                     f"{c['fit']['accuracy']:.3f}, cross-entropy {c['log_loss_gain'] * 1e3:.3g} x 1e-3 nats below chance)"))
     for group, counts in m.get("sir_temperatures_used", {}).items():
         rows.append((f"SIR weight temperatures, group {group}",
                      ", ".join(f"T={t}: {n} draws" for t, n in counts.items())))

@@ -178,7 +178,7 @@ def add_prior_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="T > 0 tempering the weights to w^(1/T): 1 as the authors; larger T moves less far "
                           "from the proposal; or ess:F, per draw the smallest T keeping an effective sample size "
                           "of F x M, 0 < F < 1; or calibrated (evalp): T fitted on validation-half posterior "
-                          "samples, SIR off where the critic has no signal (docs/results.md, section 5c)")
+                          "samples, SIR off where the critic has no significant signal (docs/results.md, section 5c)")
     sir.add_argument("--sir-calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
                      help="validation-half images whose posterior samples fit --sir-temperature calibrated")
     chain = parser.add_argument_group("Langevin chain (langevin only)")

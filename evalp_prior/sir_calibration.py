@@ -10,7 +10,10 @@ fit log r(z) = a s(z) + b, s the SIR log-weight, by logistic regression of poste
 sampler draws (label 0) under the same context, on images the prior was not trained on. At the optimum of the
 balanced cross-entropy, a s + b is the best log-ratio of that form; SIR then uses w^a, i.e. T = 1 / a. A score
 without signal gets a ~ 0 (T -> inf: the sampler's own draws), a score that ranks the wrong way a < 0, which is
-clipped to 0: SIR by it cannot help, so it is switched off.
+clipped to 0: SIR by it cannot help, so it is switched off. A fitted slope has its own sampling error, so SIR is
+also switched off unless the slope is significant: the likelihood-ratio (deviance) test of a = 0 at level
+SIGNIFICANCE_LEVEL. Reweighting by a score that carries no detectable signal only changes the random stream
+(docs/results.md 5c: such a row moved FID by as much as a different evaluation seed does).
 """
 from __future__ import annotations
 
@@ -31,23 +34,33 @@ from .sir import sir_log_weight
 
 CALIBRATION_SEED = 2_718_281  # posterior and sampler draws of the calibration: the same whatever the run's seed
 DEFAULT_CALIBRATION_IMAGES = 2000
+SIGNIFICANCE_LEVEL = 0.05  # SIR stays off unless the deviance test rejects "the score carries no signal" at this level
 
 
 @dataclass(frozen=True)
 class LogitFit:
     """A balanced logistic regression of label on a scalar score s: logit = slope * s + intercept, with the mean
-    cross-entropy (nats) at the fit and at slope 0 (log 2: the score ignored) and the balanced accuracy."""
+    cross-entropy (nats) at the fit and at slope 0 (log 2: the score ignored), the balanced accuracy, and the
+    effective number of scores (4 n_pos n_neg / (n_pos + n_neg): both counts for equal classes)."""
 
     slope: float
     intercept: float
     log_loss: float
     log_loss_null: float
     accuracy: float
+    effective_count: float
 
     @property
     def log_loss_gain(self) -> float:
         """Nats per sample the score saves over ignoring it: 0 for a score without signal."""
         return self.log_loss_null - self.log_loss
+
+    @property
+    def p_value(self) -> float:
+        """Likelihood-ratio test of slope 0: the deviance 2 n gain is chi-square with one degree of freedom under
+        the null, whose survival function is erfc(sqrt(deviance / 2))."""
+        deviance = max(2.0 * self.effective_count * self.log_loss_gain, 0.0)
+        return math.erfc(math.sqrt(deviance / 2.0))
 
 
 def fit_logit(score_pos: torch.Tensor, score_neg: torch.Tensor, iterations: int = 100) -> LogitFit:
@@ -59,9 +72,10 @@ def fit_logit(score_pos: torch.Tensor, score_neg: torch.Tensor, iterations: int 
     if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
         raise ValueError("calibration got non-finite SIR log-weights")
     both = torch.cat([pos, neg])
+    effective_count = 4.0 * len(pos) * len(neg) / (len(pos) + len(neg))
     centre, spread = float(both.mean()), float(both.std())
     if spread == 0:
-        return LogitFit(0.0, 0.0, math.log(2), math.log(2), 0.5)
+        return LogitFit(0.0, 0.0, math.log(2), math.log(2), 0.5, effective_count)
     # Standardised scores keep the Newton system well conditioned whatever the energy's scale.
     x = torch.stack([(both - centre) / spread, torch.ones_like(both)], 1)  # (n, 2)
     label = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
@@ -95,7 +109,7 @@ def fit_logit(score_pos: torch.Tensor, score_neg: torch.Tensor, iterations: int 
     intercept = float(theta[1]) - slope * centre
     logit_pos, logit_neg = slope * pos + intercept, slope * neg + intercept
     accuracy = 0.5 * (float((logit_pos > 0).double().mean()) + float((logit_neg <= 0).double().mean()))
-    return LogitFit(slope, intercept, float(loss), math.log(2), accuracy)
+    return LogitFit(slope, intercept, float(loss), math.log(2), accuracy, effective_count)
 
 
 @dataclass(frozen=True)
@@ -106,21 +120,24 @@ class SIRCalibration:
     num_images: int
     weights: str
     fit: LogitFit
-    temperature: float  # 1 / slope; inf when the slope is <= 0 (SIR off)
+    temperature: float  # 1 / slope; inf when the slope is <= 0 or not significant (SIR off)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (an infinite temperature as the string 'inf')."""
         out = asdict(self)
         out["temperature"] = "inf" if math.isinf(self.temperature) else self.temperature
         out["log_loss_gain"] = self.fit.log_loss_gain
+        out["p_value"] = self.fit.p_value
         return out
 
     def describe(self) -> str:
         """One line: the temperature, and the signal it was fitted from."""
-        told = (f"slope {self.fit.slope:.3g}, balanced accuracy {self.fit.accuracy:.3f}, cross-entropy "
-                f"{self.fit.log_loss_gain * 1e3:.2f} x 1e-3 nats below chance on {self.num_images} held-out images")
+        told = (f"slope {self.fit.slope:.3g} (p = {self.fit.p_value:.2g}), balanced accuracy {self.fit.accuracy:.3f}, "
+                f"cross-entropy {self.fit.log_loss_gain * 1e3:.2f} x 1e-3 nats below chance on {self.num_images} "
+                f"held-out images")
         if math.isinf(self.temperature):
-            return f"SIR off at group {self.group}: the critic's ranking does not tell posterior from sampler ({told})"
+            return (f"SIR off at group {self.group}: the critic's ranking does not tell posterior from sampler at level "
+                    f"{SIGNIFICANCE_LEVEL} ({told})")
         return f"calibrated temperature {self.temperature:.3g} at group {self.group} ({told})"
 
 
@@ -156,7 +173,7 @@ def calibrate_sir(hook: EVaLPPrior, vae: NVAE, dataset: Dataset, num: int, batch
             pos.append(score(st.z.float(), st))
             neg.append(score(z_sampler.float(), st))
     fit = fit_logit(torch.cat(pos), torch.cat(neg))
-    temperature = 1.0 / fit.slope if fit.slope > 0 else math.inf
+    temperature = 1.0 / fit.slope if fit.slope > 0 and fit.p_value < SIGNIFICANCE_LEVEL else math.inf
     calibration = SIRCalibration(group, n, hook.sir_weights, fit, temperature)
     hook.sir_temperature = temperature
     hook.sir_calibration = calibration

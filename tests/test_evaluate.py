@@ -12,6 +12,7 @@ from evalp_prior.evaluation import prior_label
 from evalp_prior.metrics.mmd import median_bandwidth, mmd2_unbiased, posterior_bandwidth, prior_hole_mmd
 from evalp_prior.metrics.timing import seconds_per_image
 from evalp_prior.sir import ADAPTIVE_TEMPERATURES, ESSTarget
+from evalp_prior.sir_calibration import SIGNIFICANCE_LEVEL
 from nvae.runtime import CheckpointError
 from tests.helpers import run_script
 
@@ -180,8 +181,8 @@ def test_calibrated_sir_fits_its_temperature_on_the_validation_half_and_samples_
     assert calibration["group"] == 0 and calibration["num_images"] == 24 and calibration["weights"] == "energy"
     slope, temperature = calibration["fit"]["slope"], calibration["temperature"]
     used = report["metrics"].get("sir_temperatures_used", {})
-    if slope > 0:  # every SIR draw ran at the fitted T = 1 / slope
+    if slope > 0 and calibration["p_value"] < SIGNIFICANCE_LEVEL:  # every SIR draw ran at the fitted T = 1 / slope
         assert temperature == pytest.approx(1 / slope) and list(used) == ["0"]
         assert list(used["0"]) == [f"{temperature:.4g}"]
-    else:  # no signal: SIR is off and no draw resampled
+    else:  # no significant signal: SIR is off and no draw resampled
         assert temperature == "inf" and not used

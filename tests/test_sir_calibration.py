@@ -10,7 +10,7 @@ import torch
 from evalp_prior.prior import EVaLPPrior
 from evalp_prior.sampler import SharedFlowSampler
 from evalp_prior.sir import Calibrated, parse_sir_temperature, sir_select, temperature_tag
-from evalp_prior.sir_calibration import calibrate_sir, fit_logit
+from evalp_prior.sir_calibration import SIGNIFICANCE_LEVEL, calibrate_sir, fit_logit
 from nvae.model import GroupSpec
 from tests.helpers import LinearEnergy
 
@@ -36,6 +36,19 @@ def test_fit_logit_finds_no_slope_in_a_score_without_signal_and_a_negative_one_i
     assert reversed_score.slope == pytest.approx(-1.0, rel=0.05)
     constant = fit_logit(torch.ones(10), torch.ones(10))
     assert constant.slope == 0 and constant.log_loss == pytest.approx(math.log(2))
+
+
+def test_the_slope_test_rejects_at_its_level_under_the_null_and_detects_a_real_signal():
+    # Scores without signal: the deviance test must reject "slope 0" in about SIGNIFICANCE_LEVEL of 400 data sets
+    # (binomial: 20 +- 4.4 expected; a deviance off by a factor of 2 in n gives ~1% or ~12%).
+    generator = torch.Generator().manual_seed(4)
+    rejections = sum(fit_logit(torch.randn(300, generator=generator), torch.randn(300, generator=generator)).p_value
+                     < SIGNIFICANCE_LEVEL for _ in range(400))
+    assert 8 <= rejections <= 36, rejections
+    # Two Gaussians half a standard deviation apart: with 300 scores per class the deviance is ~40 (p ~ 1e-9).
+    shifted = fit_logit(torch.randn(300, generator=generator) + 0.5, torch.randn(300, generator=generator))
+    assert shifted.p_value < 1e-3
+    assert fit_logit(torch.ones(10), torch.ones(10)).p_value == 1.0
 
 
 def test_fit_logit_weighs_the_classes_equally_whatever_their_counts():
@@ -105,6 +118,23 @@ def test_a_critic_that_ranks_the_wrong_way_switches_sir_off():
     torch.manual_seed(3)
     plain, _ = hook.sampler(mu, sigma, h, 0, 1.0)
     assert torch.equal(resampled, plain)
+
+
+def test_a_weak_signal_switches_sir_on_only_when_enough_images_show_it():
+    # A posterior shifted by 0.05 from the sampler: the log-ratio is real, but 200 images cannot tell it from noise
+    # (deviance ~ 0.5), 40,000 can (~ 50). Below significance SIR is off, whatever sign the fitted slope has.
+    specs = [GroupSpec(0, 0, 2, 1, 1, 3)]
+    temperatures = {}
+    for n in (200, 40_000):
+        torch.manual_seed(0)
+        hook = EVaLPPrior(LinearEnergy(0.9), SharedFlowSampler(specs, [0], hidden=8), [0], sir_proposals=10,
+                          sir_temperature=Calibrated())
+        calibration = calibrate_sir(hook, ShiftedPosterior(0.05), torch.zeros(n, 1), n, 1000, False,
+                                    torch.device("cpu"))
+        temperatures[n] = (calibration.temperature, calibration.fit.p_value)
+        assert calibration.to_json()["p_value"] == calibration.fit.p_value
+    assert math.isinf(temperatures[200][0]) and temperatures[200][1] > SIGNIFICANCE_LEVEL, temperatures
+    assert temperatures[40_000][0] == pytest.approx(0.9 / 0.05, rel=0.2) and temperatures[40_000][1] < 1e-6
 
 
 def test_calibration_needs_one_sir_group_and_sir_refuses_an_unfitted_temperature():
