@@ -57,11 +57,13 @@ class EVaLPConfig(FrozenPriorConfig):
     # half of `small` (MMD^2 0.11x the Gaussian prior's vs 0.41x for none; docs/results.md, section 0c).
     sampler_affine: str = "moments"  # per-group affine layer of the sampler: none | identity | moments (posterior fit)
     moment_images: int = 10000  # at most this many training images start the affine layer (--sampler-affine moments)
-    # After the moment start, the whole flow fitted by maximum likelihood to posterior samples of z_1 (top group only:
-    # its context is the same for every image). Not in the paper: the game leaves the sampler at its start, and the
-    # fit closes most of what the Gaussian fit leaves of the hole on `small` (docs/results.md section 0d).
-    sampler_fit_steps: int = 0  # maximum-likelihood steps fitting the sampler to z_1 posterior samples first; 0 = none
-    sampler_fit_images: int = 60000  # training images (one posterior draw of z_1 each) the sampler fit uses
+    # After the moment start, the whole flow fitted by maximum likelihood to posterior samples of every EVaLP group
+    # (a lower group conditionally on the context h_l its posterior pass gave). Not in the paper: the game leaves the
+    # sampler at its start, and the fit closes most of what the Gaussian fit leaves of the hole on `small`
+    # (docs/results.md section 0d). A lower group's bank holds its context per image, in CPU memory:
+    # images x (context + 3 latent) floats per group, 1.35 GB for `tiny`'s two lower groups at 60,000 images.
+    sampler_fit_steps: int = 0  # maximum-likelihood steps fitting the sampler to posterior samples first; 0 = none
+    sampler_fit_images: int = 60000  # training images (one posterior draw of each group each) the sampler fit uses
     sampler_fit_batch: int = 256  # posterior samples per sampler-fit step
     sampler_fit_lr: float = 1e-3  # Adam learning rate of the sampler fit
     n_critic: int = 5  # energy steps per sampler step

@@ -1,4 +1,4 @@
-"""The sampler's maximum-likelihood start: the whole flow fitted to posterior samples of the top group before the game.
+"""The sampler's maximum-likelihood start: the whole flow fitted to posterior samples of its groups before the game.
 
 The moment start (``--sampler-affine moments``) puts the sampler at the Gaussian fit of the aggregate posterior;
 the adversarial game does not move it from there (docs/results.md section 0d: a 1-Lipschitz critic's gradient
@@ -6,13 +6,17 @@ carries too little of what separates the posterior from its Gaussian fit). The s
 likelihood, max_alpha E_{z ~ q(z_1)} log q_alpha(z), learns much of the rest. This module draws the posterior samples
 once (a bank) and runs that fit; the game then starts from the fitted sampler.
 
-Only the top group is supported: its context (the decoder's learned start tensor) is the same for every image, so
-a bank of z alone describes it; a lower group's context depends on the image and would have to be stored with it.
+The top group's context (the decoder's learned start tensor) is the same for every image, so its bank is z alone.
+A lower group's context h_l depends on the image (through the posterior draws of the groups above it), so its bank
+stores (z_l, h_l, mu_p, sigma_p) per image and the fit is the conditional one, max_alpha E log q_alpha(z_l | h_l):
+the aggregate posterior of z_l given the context a posterior pass produces, which is the context generation sees
+when the groups above are sampled from a prior that matches their aggregate posterior.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -44,56 +48,120 @@ class TopGroupBank:
         h, mu_p, sigma_p = (t.expand(z.shape[0], -1, -1, -1) for t in (self.h, self.mu_p, self.sigma_p))
         return GroupBatch(0, z.to(self.h.device), h, mu_p, sigma_p)
 
+    group = 0  # the top group (a class attribute: not a field of the saved bank)
+
+    @property
+    def device(self) -> torch.device:
+        return self.h.device
+
+    def rows(self, index: torch.Tensor) -> GroupBatch:
+        """The bank's rows ``index`` (a CPU index tensor) as a GroupBatch."""
+        return self.batch(self.z[index])
+
+
+@dataclass
+class LowerGroupBank:
+    """One posterior draw of a lower group per image with the context the same posterior pass gave it: z, h, mu_p,
+    sigma_p (N, ...) float32 on the CPU (an image's h_l depends on its own draws of the groups above)."""
+
+    group: int
+    z: torch.Tensor
+    h: torch.Tensor
+    mu_p: torch.Tensor
+    sigma_p: torch.Tensor
+    device: torch.device
+
+    def rows(self, index: torch.Tensor) -> GroupBatch:
+        """The bank's rows ``index`` (a CPU index tensor) as a GroupBatch on the model's device."""
+        z, h, mu_p, sigma_p = (t[index].to(self.device) for t in (self.z, self.h, self.mu_p, self.sigma_p))
+        return GroupBatch(self.group, z, h, mu_p, sigma_p)
+
+
+PosteriorBank = Union[TopGroupBank, LowerGroupBank]
+
 
 @torch.no_grad()
-def top_group_bank(vae: NVAE, dataset: Dataset, count: int, batch_size: int, binarize: bool,
-                   device: torch.device) -> TopGroupBank:
-    """Posterior samples of z_1 for the first ``count`` images of dataset (all of them when it holds fewer), drawn
-    from BANK_SEED; raises ValueError if z_1's context differs between images (it cannot be banked then)."""
+def posterior_banks(vae: NVAE, dataset: Dataset, groups: Sequence[int], count: int, batch_size: int, binarize: bool,
+                    device: torch.device) -> list[PosteriorBank]:
+    """One bank per group (in the order given) of one posterior draw for each of the first ``count`` images of
+    dataset (all of them when it holds fewer), drawn from BANK_SEED: a TopGroupBank for group 0, whose context must
+    be the same for every image (ValueError otherwise), a LowerGroupBank for any other group."""
     count = min(count, len(dataset))
     if count < 2:
         raise ValueError(f"the sampler fit needs at least 2 training images, got {count}")
-    draws, context = [], None
+    draws: dict[int, list[tuple[torch.Tensor, ...]]] = {g: [] for g in groups}
+    context = None
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(BANK_SEED)
         for start in range(0, count, batch_size):  # no DataLoader: its iterator would draw from the seeded stream
             batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
-            top = vae.posterior(binarize_if_needed(batch, binarize)).groups[0]
-            first = (top.h[:1].float(), top.mu_p[:1].float(), top.sigma_p[:1].float())
-            if context is None:
-                context = first
-            if any(not torch.equal(c.expand_as(t), t.float()) for c, t in zip(context, (top.h, top.mu_p, top.sigma_p))):
-                raise ValueError("the top group's context differs between images: its posterior samples cannot be banked")
-            draws.append(top.z.float().cpu())
-    return TopGroupBank(torch.cat(draws), *context)
+            out = vae.posterior(binarize_if_needed(batch, binarize))
+            for g in groups:
+                group = out.groups[g]
+                if g == 0:
+                    context = context or (group.h[:1].float(), group.mu_p[:1].float(), group.sigma_p[:1].float())
+                    if any(not torch.equal(c.expand_as(t), t.float())
+                           for c, t in zip(context, (group.h, group.mu_p, group.sigma_p))):
+                        raise ValueError("the top group's context differs between images: its posterior samples "
+                                         "cannot be banked")
+                    draws[g].append((group.z.float().cpu(),))
+                else:
+                    draws[g].append(tuple(t.float().cpu() for t in (group.z, group.h, group.mu_p, group.sigma_p)))
+    banks: list[PosteriorBank] = []
+    for g in groups:
+        columns = [torch.cat(part) for part in zip(*draws[g])]
+        banks.append(TopGroupBank(columns[0], *context) if g == 0 else LowerGroupBank(g, *columns, device))
+    return banks
 
 
-def fit_sampler(sampler: SharedFlowSampler, bank: TopGroupBank, steps: int, batch_size: int,
+def top_group_bank(vae: NVAE, dataset: Dataset, count: int, batch_size: int, binarize: bool,
+                   device: torch.device) -> TopGroupBank:
+    """The top group's bank alone (posterior_banks for group 0)."""
+    bank = posterior_banks(vae, dataset, [0], count, batch_size, binarize, device)[0]
+    assert isinstance(bank, TopGroupBank)
+    return bank
+
+
+def fit_sampler(sampler: SharedFlowSampler, banks: Sequence[PosteriorBank], steps: int, batch_size: int,
                 lr: float) -> dict[str, float]:
-    """Maximum likelihood of the bank's z_1 under the sampler (group 0): ``steps`` Adam steps on minibatches drawn
-    with replacement from FIT_SEED, in float32. Returns the bank's mean negative log-likelihood (nats per image)
-    before and after, over the same fixed subset of at most 4096 rows."""
-    if 0 not in sampler.groups:
-        raise ValueError(f"the sampler fit is for the top group, the sampler's groups are {sampler.groups}")
-    device = bank.h.device
+    """Maximum likelihood of the banks' posterior draws under the sampler, the groups' NLLs summed (the joint
+    log q_alpha(z_1, ..., z_L) of the banked draws): ``steps`` Adam steps on minibatches of images drawn with
+    replacement from FIT_SEED (the same images in every group), in float32. Returns the mean negative
+    log-likelihood (nats per image) before and after over the same fixed subset of at most 4096 images, summed over
+    the groups (``nll_before``, ``nll_after``) and per group (``nll_before/groupGG``, ``nll_after/groupGG``)."""
+    groups = [b.group for b in banks]
+    missing = [g for g in groups if g not in sampler.groups]
+    if missing:
+        raise ValueError(f"the banks hold groups {groups}, the sampler's groups are {sampler.groups}")
+    count = banks[0].z.shape[0]
+    if any(b.z.shape[0] != count for b in banks):
+        raise ValueError(f"the banks hold different numbers of images: {[b.z.shape[0] for b in banks]}")
     generator = torch.Generator().manual_seed(FIT_SEED)
     optimizer = torch.optim.Adam(sampler.parameters(), lr=lr)
 
-    def nll(z: torch.Tensor) -> torch.Tensor:
-        b = bank.batch(z)
-        return -sampler.log_prob(b.z_pos, b.mu_p, b.sigma_p, b.h, 0).mean()
+    def nll(index: torch.Tensor) -> list[torch.Tensor]:
+        """Each bank's mean NLL over the images ``index``."""
+        out = []
+        for bank in banks:
+            b = bank.rows(index)
+            out.append(-sampler.log_prob(b.z_pos, b.mu_p, b.sigma_p, b.h, b.group).mean())
+        return out
 
-    probe = bank.z[torch.randperm(bank.z.shape[0], generator=generator)[:4096]]
+    def report(parts: list[torch.Tensor], when: str) -> dict[str, float]:
+        values = {f"nll_{when}/group{g:02d}": float(p) for g, p in zip(groups, parts)}
+        return {f"nll_{when}": sum(values.values()), **values}
+
+    probe = torch.randperm(count, generator=generator)[:4096]
     with torch.no_grad():
-        before = float(nll(probe))
-    with torch.autocast(device_type=device.type, enabled=False):
+        result = report(nll(probe), "before")
+    with torch.autocast(device_type=banks[0].device.type, enabled=False):
         for _ in range(steps):
-            loss = nll(bank.z[torch.randint(bank.z.shape[0], (batch_size,), generator=generator)])
+            loss = sum(nll(torch.randint(count, (batch_size,), generator=generator)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        after = float(nll(probe))
-    if not math.isfinite(after):
-        raise FloatingPointError(f"the sampler fit diverged (bank NLL {after}); lower --sampler-fit-lr")
-    return {"nll_before": before, "nll_after": after}
+        result.update(report(nll(probe), "after"))
+    if not math.isfinite(result["nll_after"]):
+        raise FloatingPointError(f"the sampler fit diverged (bank NLL {result['nll_after']}); lower --sampler-fit-lr")
+    return result

@@ -30,7 +30,7 @@ from .group_selection import parse_groups
 from .objectives import GroupBatch, alternating_step
 from .prior import EVaLPPrior
 from .sampler import SharedFlowSampler
-from .sampler_fit import fit_sampler, top_group_bank
+from .sampler_fit import fit_sampler, posterior_banks
 
 KIND = "evalp"
 
@@ -169,18 +169,21 @@ class EVaLPTask:
         self.last_metrics: dict[str, float] = {}
 
     def _fit_sampler(self, train_set: Optional[Dataset]) -> None:
-        """The maximum-likelihood start (evalp_prior.sampler_fit), logged with the bank's NLL before and after."""
+        """The maximum-likelihood start (evalp_prior.sampler_fit) on every EVaLP group, logged with the banks' NLL
+        before and after."""
         cfg = self.cfg
-        if self.groups != [0]:
-            raise ValueError(f"--sampler-fit-steps needs the top group alone (--groups top), the run's groups are "
-                             f"{self.groups}: a lower group's context depends on the image and is not banked")
         if train_set is None:
             raise ValueError("--sampler-fit-steps needs the training split to fit to")
-        bank = top_group_bank(self.vae, train_set, cfg.sampler_fit_images, cfg.batch_size, self.binarize,
-                              self.ctx.device)
-        fit = fit_sampler(self.sampler, bank, cfg.sampler_fit_steps, cfg.sampler_fit_batch, cfg.sampler_fit_lr)
-        self.logger.info(f"sampler fitted to {bank.z.shape[0]} posterior samples of z_1 in {cfg.sampler_fit_steps} "
-                         f"steps: NLL {fit['nll_before']:.2f} -> {fit['nll_after']:.2f} nats")
+        banks = posterior_banks(self.vae, train_set, self.groups, cfg.sampler_fit_images, cfg.batch_size,
+                                self.binarize, self.ctx.device)
+        fit = fit_sampler(self.sampler, banks, cfg.sampler_fit_steps, cfg.sampler_fit_batch, cfg.sampler_fit_lr)
+        what = "z_1" if self.groups == [0] else "groups " + ", ".join(str(g) for g in self.groups)
+        per_group = "" if len(self.groups) == 1 else " (" + ", ".join(
+            f"group {g}: {fit[f'nll_before/group{g:02d}']:.2f} -> {fit[f'nll_after/group{g:02d}']:.2f}"
+            for g in self.groups) + ")"
+        self.logger.info(f"sampler fitted to {banks[0].z.shape[0]} posterior samples of {what} in "
+                         f"{cfg.sampler_fit_steps} steps: NLL {fit['nll_before']:.2f} -> {fit['nll_after']:.2f} "
+                         f"nats{per_group}")
 
     def config_json(self) -> str:
         return self.run_cfg.to_json()

@@ -1,4 +1,4 @@
-"""The sampler's maximum-likelihood start: the bank of top-group posterior samples and the fit itself."""
+"""The sampler's maximum-likelihood start: the banks of posterior samples and the fit itself."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evalp_prior.sampler import SharedFlowSampler
-from evalp_prior.sampler_fit import BANK_SEED, TopGroupBank, fit_sampler, top_group_bank
+from evalp_prior.sampler_fit import BANK_SEED, LowerGroupBank, TopGroupBank, fit_sampler, posterior_banks, top_group_bank
 from evalp_prior.train import EVaLPTask
 from nvae.data import get_dataset, held_out_part
 from nvae.hooks import GroupSpec
@@ -18,6 +18,7 @@ from tests.helpers import CPU
 from tests.test_stage2 import _stage2_config
 
 SPEC = [GroupSpec(index=0, scale=0, channels=2, height=2, width=2, context_channels=3)]
+TWO_GROUPS = SPEC + [GroupSpec(index=1, scale=0, channels=2, height=2, width=2, context_channels=3)]
 
 
 def _gaussian_bank(n: int, seed: int = 0) -> tuple[TopGroupBank, torch.Tensor, torch.Tensor]:
@@ -35,7 +36,7 @@ def test_fit_reaches_the_entropy_of_a_gaussian():
     bank, _, cov = _gaussian_bank(20000)
     torch.manual_seed(0)
     sampler = SharedFlowSampler(SPEC, [0], hidden=16, num_couplings=2, group_affine=True)
-    result = fit_sampler(sampler, bank, steps=1500, batch_size=256, lr=1e-2)
+    result = fit_sampler(sampler, [bank], steps=1500, batch_size=256, lr=1e-2)
     # The bank's NLL under its own density is the entropy (closed form) up to the probe's noise (~0.03 nats); no
     # model does better in expectation, and the base N(0.5, 2^2) the sampler starts from is 8 nats worse.
     entropy = 0.5 * float(torch.logdet(2 * math.pi * math.e * cov))
@@ -50,13 +51,48 @@ def test_fit_is_seeded_and_refuses_a_sampler_without_the_top_group():
         torch.manual_seed(0)
         sampler = SharedFlowSampler(SPEC, [0], hidden=8, num_couplings=2)
         torch.manual_seed(123 + len(runs))  # the run's own stream must not matter
-        fit_sampler(sampler, bank, steps=5, batch_size=64, lr=1e-3)
+        fit_sampler(sampler, [bank], steps=5, batch_size=64, lr=1e-3)
         runs.append(sampler.state_dict())
     for key, value in runs[0].items():
         assert torch.equal(value, runs[1][key]), key
-    two = [SPEC[0], GroupSpec(index=1, scale=0, channels=2, height=2, width=2, context_channels=3)]
-    with pytest.raises(ValueError, match="top group"):
-        fit_sampler(SharedFlowSampler(two, [1], hidden=8), bank, steps=1, batch_size=8, lr=1e-3)
+    with pytest.raises(ValueError, match="sampler's groups are \\[1\\]"):
+        fit_sampler(SharedFlowSampler(TWO_GROUPS, [1], hidden=8), [bank], steps=1, batch_size=8, lr=1e-3)
+
+
+def _conditional_bank(n: int) -> LowerGroupBank:
+    """Group 1 given a per-image context h ~ N(0, I): u = (z - mu_p) / sigma_p = 0.8 h[:, :2] + 0.5 noise, with
+    mu_p = -1, sigma_p = 2, so z | h has standard deviation 1 in each of its 8 dimensions."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(n, 3, 2, 2, generator=g)
+    u = 0.8 * h[:, :2] + 0.5 * torch.randn(n, 2, 2, 2, generator=g)
+    mu_p, sigma_p = torch.full_like(u, -1.0), torch.full_like(u, 2.0)
+    return LowerGroupBank(1, mu_p + sigma_p * u, h, mu_p, sigma_p, torch.device("cpu"))
+
+
+def test_fit_of_a_lower_group_reaches_the_conditional_entropy():
+    bank = _conditional_bank(20000)
+    torch.manual_seed(0)
+    sampler = SharedFlowSampler(TWO_GROUPS, [0, 1], hidden=16, num_couplings=2)
+    result = fit_sampler(sampler, [bank], steps=1500, batch_size=256, lr=1e-2)
+    # H(z | h) = 8 * 0.5 log(2 pi e): no density does better in expectation. A fit that ignored h would stop at the
+    # marginal's entropy, 8 * 0.5 * log(0.89 / 0.25) = 5.1 nats above it, near where the identity start is.
+    entropy = 8 * 0.5 * math.log(2 * math.pi * math.e)
+    assert result["nll_before"] == result["nll_before/group01"] > entropy + 5
+    assert abs(result["nll_after"] - entropy) < 0.2, (result, entropy)
+
+
+def test_fit_of_two_groups_sums_their_likelihoods():
+    top, _, _ = _gaussian_bank(512)
+    lower = _conditional_bank(512)
+    torch.manual_seed(0)
+    sampler = SharedFlowSampler(TWO_GROUPS, [0, 1], hidden=8, num_couplings=2)
+    result = fit_sampler(sampler, [top, lower], steps=20, batch_size=64, lr=1e-2)
+    for when in ("before", "after"):
+        assert result[f"nll_{when}"] == pytest.approx(result[f"nll_{when}/group00"] + result[f"nll_{when}/group01"])
+    assert result["nll_after/group00"] < result["nll_before/group00"]
+    assert result["nll_after/group01"] < result["nll_before/group01"]
+    with pytest.raises(ValueError, match="different numbers of images"):
+        fit_sampler(sampler, [top, _conditional_bank(100)], steps=1, batch_size=8, lr=1e-3)
 
 
 def test_bank_is_one_seeded_posterior_draw_per_image(vae_checkpoint):
@@ -74,6 +110,25 @@ def test_bank_is_one_seeded_posterior_draw_per_image(vae_checkpoint):
     assert torch.equal(bank.h, tops[0].h[:1]) and torch.equal(bank.sigma_p, tops[0].sigma_p[:1])
 
 
+def test_lower_group_banks_hold_each_image_with_its_own_context(vae_checkpoint):
+    vae, _, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
+    train_set = get_dataset("synthetic", "train")
+    groups = list(range(len(vae.group_specs)))
+    banks = posterior_banks(vae, train_set, groups, 24, 8, False, torch.device("cpu"))
+    torch.manual_seed(BANK_SEED)
+    with torch.no_grad():
+        passes = [vae.posterior(torch.stack([train_set[i] for i in range(s, s + 8)])) for s in range(0, 24, 8)]
+    assert isinstance(banks[0], TopGroupBank)  # the same draws as the top group's bank alone
+    assert torch.equal(banks[0].z, top_group_bank(vae, train_set, 24, 8, False, torch.device("cpu")).z)
+    for bank in banks[1:]:
+        assert isinstance(bank, LowerGroupBank)
+        for name in ("z", "h", "mu_p", "sigma_p"):
+            assert torch.equal(getattr(bank, name), torch.cat([getattr(p.groups[bank.group], name) for p in passes]))
+        assert not torch.equal(bank.h[0], bank.h[1])  # a context per image, not a shared one
+        rows = bank.rows(torch.tensor([3, 0]))
+        assert rows.group == bank.group and torch.equal(rows.h, bank.h[[3, 0]])
+
+
 def test_bank_refuses_a_context_that_depends_on_the_image():
     def posterior(x):  # a group whose context is the image itself
         z = torch.zeros(x.shape[0], 2, 2, 2)
@@ -85,10 +140,7 @@ def test_bank_refuses_a_context_that_depends_on_the_image():
         top_group_bank(fake, images, 6, 3, False, torch.device("cpu"))
 
 
-def test_task_fits_the_top_group_and_refuses_lower_groups(vae_checkpoint):
-    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
-    train_set = get_dataset("synthetic", "train")
-    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+def _fit_messages(vae, vae_cfg, train_set, validation, **overrides) -> tuple[EVaLPTask, list[str]]:
     messages = []
 
     class Log(RunLogger):
@@ -96,16 +148,43 @@ def test_task_fits_the_top_group_and_refuses_lower_groups(vae_checkpoint):
             messages.append(message)
 
     torch.manual_seed(0)
-    task = EVaLPTask(_stage2_config(vae, groups="top", sampler_affine="moments", moment_images=64,
-                                    sampler_fit_steps=30, sampler_fit_images=64, sampler_fit_batch=32,
-                                    sampler_ema=0.9),
+    task = EVaLPTask(_stage2_config(vae, sampler_affine="moments", moment_images=64, sampler_fit_images=64,
+                                    sampler_fit_batch=32, **overrides),
                      vae, vae_cfg, CPU, validation, False, Log(".", False), 6, train_set)
-    before, after = (float(v) for v in messages[-1].split("NLL ")[1].split(" nats")[0].split(" -> "))
+    return task, messages
+
+
+def _nll_pair(text: str) -> tuple[float, float]:
+    before, after = (float(v) for v in text.split(" -> "))
+    return before, after
+
+
+def test_task_fits_the_top_group(vae_checkpoint):
+    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
+    train_set = get_dataset("synthetic", "train")
+    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+    task, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="top", sampler_fit_steps=30,
+                                   sampler_ema=0.9)
+    assert "posterior samples of z_1 in 30 steps" in messages[-1]
+    before, after = _nll_pair(messages[-1].split("NLL ")[1].split(" nats")[0])
     assert after < before, messages
     # Generation's moving average starts from the fitted sampler.
     for a, b in zip(task.sampler.state_dict().values(), task.generation_sampler().state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_task_fits_every_group(vae_checkpoint):
+    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
     assert len(vae.group_specs) > 1
-    with pytest.raises(ValueError, match="--groups top"):
-        EVaLPTask(_stage2_config(vae, groups="all", sampler_fit_steps=1), vae, vae_cfg, CPU, validation, False,
-                  RunLogger(".", False), 6, train_set)
+    train_set = get_dataset("synthetic", "train")
+    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+    _, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="all", sampler_fit_steps=30)
+    line = messages[-1]
+    groups = list(range(len(vae.group_specs)))
+    assert f"posterior samples of groups {', '.join(map(str, groups))} in 30 steps" in line, line
+    per_group = dict(part.split(": ") for part in line.split(" nats (")[1].rstrip(")").split(", "))
+    assert sorted(per_group) == [f"group {g}" for g in groups]
+    pairs = [_nll_pair(v) for v in per_group.values()]
+    total_before, total_after = _nll_pair(line.split("NLL ")[1].split(" nats")[0])
+    assert total_before == pytest.approx(sum(b for b, _ in pairs), abs=0.02 * len(pairs))
+    assert all(after < before for before, after in pairs), line
