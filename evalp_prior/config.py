@@ -52,9 +52,9 @@ class EVaLPConfig(FrozenPriorConfig):
     max_log_scale: float = 1.0  # bound on each coupling's log-scale
     sampler_mixing: bool = False  # invertible 1x1 channel mixing between the sampler's couplings (Glow)
     # A full lower-triangular affine layer per group after the couplings: none, identity at the start, or
-    # started at the mean and covariance of the whitened posterior (z - mu_p) / sigma_p of moment_images
-    # training images, i.e. at the Gaussian fit of the aggregate posterior. `moments` won on the validation
-    # half of `small` (MMD^2 0.11x the Gaussian prior's vs 0.41x for none; docs/results.md, section 0c).
+    # started at the mean and (Ledoit-Wolf shrunk) covariance of the whitened posterior (z - mu_p) / sigma_p of
+    # moment_images training images, i.e. at the Gaussian fit of the aggregate posterior. `moments` won on the
+    # validation half of `small` (MMD^2 0.11x the Gaussian prior's vs 0.41x for none; docs/results.md, section 0c).
     sampler_affine: str = "moments"  # per-group affine layer of the sampler: none | identity | moments (posterior fit)
     moment_images: int = 10000  # at most this many training images start the affine layer (--sampler-affine moments)
     # After the moment start, the whole flow fitted by maximum likelihood to posterior samples of every EVaLP group

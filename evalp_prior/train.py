@@ -85,14 +85,32 @@ def posterior_group_batches(vae: NVAE, x: torch.Tensor, groups: list[int], preci
 MOMENT_SEED = 2_718_281
 
 
+def shrunk_covariance(samples: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf estimate (2004) of the covariance of samples (n, d): the sample covariance shrunk towards
+    (its mean variance) x I by the coefficient that minimises the expected Frobenius error, estimated from the
+    samples. Why not the sample covariance: a full d x d Gaussian fitted to n draws loses about d (d + 1) / (4 n)
+    nats of held-out log-likelihood to estimation noise, 1.6 nats for `tiny`'s 256-dimensional lower groups from
+    10,000 images, more than the fit gains there (measured: -1.2 and -1.6 nats against N(0, I), +0.1 and 0.0 with
+    shrinkage; docs/results.md section 0e). Positive definite for any n >= 2, also where d >= n."""
+    n, d = samples.shape
+    x = samples.double() - samples.double().mean(0)
+    sample_cov = x.T @ x / n  # the maximum-likelihood (1/n) normalisation the Ledoit-Wolf formula is stated for
+    identity = torch.eye(d, dtype=torch.float64, device=x.device)
+    mean_variance = sample_cov.diagonal().mean()
+    distance = (sample_cov - mean_variance * identity).square().sum() / d
+    # Mean squared distance of one sample's outer product from the sample covariance, / n: the noise term.
+    noise = ((x.square().sum(1).square().sum() / n - sample_cov.square().sum()) / (n * d)).clamp(max=distance)
+    shrinkage = noise / distance if distance > 0 else torch.ones((), dtype=torch.float64)
+    return (1 - shrinkage) * sample_cov + shrinkage * mean_variance * identity
+
+
 def whitened_posterior_moments(vae: NVAE, dataset: Dataset, groups: list[int], count: int, batch_size: int,
                                binarize: bool, precision: Precision,
                                device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per group, (mean (D,), covariance (D, D)) in float64 of the flattened u = (z_l - mu_p) / sigma_p over one
     posterior sample of each of the first ``count`` images of dataset (all of them when it holds fewer): the
     whitened aggregate posterior's Gaussian fit, which ``SharedFlowSampler.set_group_moments`` starts the
-    sampler at. A group with at least as many dimensions as images gets the diagonal of its covariance (the
-    full one would be singular)."""
+    sampler at. The covariance is the Ledoit-Wolf shrinkage estimate (shrunk_covariance)."""
     count = min(count, len(dataset))
     if count < 2:
         raise ValueError(f"the posterior moments need at least 2 training images, got {count}")
@@ -106,8 +124,7 @@ def whitened_posterior_moments(vae: NVAE, dataset: Dataset, groups: list[int], c
     moments = {}
     for g, draws in parts.items():
         u = torch.cat(draws)
-        covariance = torch.cov(u.T) if u.shape[1] < u.shape[0] else torch.diag(u.var(0))
-        moments[g] = (u.mean(0), covariance)
+        moments[g] = (u.mean(0), shrunk_covariance(u))
     return moments
 
 
