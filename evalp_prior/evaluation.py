@@ -40,6 +40,7 @@ from nvae.data.base import HELD_OUT_SEED
 from nvae.distributions import draw_normal
 from nvae.hooks import PriorHook
 from nvae.model import NVAE
+from nvae.runtime import forked_rng
 
 from .generation import (SamplingSetup, build_prior, compile_for_sampling, default_prior,
                          describe_prior, load_for_sampling, sir_proposals)
@@ -197,7 +198,7 @@ def posterior_and_prior_draws(vae: NVAE, priors: Mapping[str, Optional[PriorHook
     if n < 4:
         raise ValueError(f"the prior-hole MMD needs at least 4 test images, the split has {len(dataset)}")
     samples: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in vae.group_specs] for k in ("posterior", *priors)}
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+    with forked_rng(device):
         for i, batch in enumerate(DataLoader(Subset(dataset, range(n)), batch_size=batch_size)):
             torch.manual_seed(POSTERIOR_SEED + i)
             groups = vae.posterior(binarize_if_needed(batch.to(device), binarize)).groups

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from nvae.data import binarize_if_needed
 from nvae.model import NVAE
+from nvae.runtime import forked_rng
 
 from .objectives import GroupBatch
 from .sampler import SharedFlowSampler
@@ -38,6 +39,8 @@ class TopGroupBank:
     """One posterior draw of z_1 per image, (N, C, H, W) float32 on the CPU, and z_1's context, the same for every
     image: h (1, C_h, H, W), mu_p and sigma_p (1, C, H, W) on the model's device."""
 
+    group = 0  # the top group (a class attribute: not a field of the saved bank)
+
     z: torch.Tensor
     h: torch.Tensor
     mu_p: torch.Tensor
@@ -47,8 +50,6 @@ class TopGroupBank:
         """Rows z of this bank (any device) with the shared context expanded to them, as a posterior pass gives."""
         h, mu_p, sigma_p = (t.expand(z.shape[0], -1, -1, -1) for t in (self.h, self.mu_p, self.sigma_p))
         return GroupBatch(0, z.to(self.h.device), h, mu_p, sigma_p)
-
-    group = 0  # the top group (a class attribute: not a field of the saved bank)
 
     @property
     def device(self) -> torch.device:
@@ -80,6 +81,13 @@ class LowerGroupBank:
 PosteriorBank = Union[TopGroupBank, LowerGroupBank]
 
 
+def image_batches(dataset: Dataset, count: int, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The first ``count`` images of dataset in order, batch_size at a time, on device. No DataLoader: its
+    iterator would draw from the random stream that seeded posterior passes over these batches must own."""
+    for start in range(0, count, batch_size):
+        yield torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
+
+
 @torch.no_grad()
 def posterior_banks(vae: NVAE, dataset: Dataset, groups: Sequence[int], count: int, batch_size: int, binarize: bool,
                     device: torch.device) -> list[PosteriorBank]:
@@ -91,10 +99,8 @@ def posterior_banks(vae: NVAE, dataset: Dataset, groups: Sequence[int], count: i
         raise ValueError(f"the sampler fit needs at least 2 training images, got {count}")
     draws: dict[int, list[tuple[torch.Tensor, ...]]] = {g: [] for g in groups}
     context = None
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(BANK_SEED)
-        for start in range(0, count, batch_size):  # no DataLoader: its iterator would draw from the seeded stream
-            batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
+    with forked_rng(device, BANK_SEED):
+        for batch in image_batches(dataset, count, batch_size, device):
             out = vae.posterior(binarize_if_needed(batch, binarize))
             for g in groups:
                 group = out.groups[g]

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from nvae.data import binarize_if_needed
 from nvae.model import NVAE
+from nvae.runtime import forked_rng
 
 from .prior import EVaLPPrior
 from .sampler import gaussian_log_prob
@@ -165,8 +166,7 @@ def calibrate_sir(hook: EVaLPPrior, vae: NVAE, dataset: Dataset, num: int, batch
         return sir_log_weight(hook.sir_weights, energy, *densities).double().cpu()
 
     pos, neg = [], []
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(CALIBRATION_SEED)
+    with forked_rng(device, CALIBRATION_SEED):
         for batch in DataLoader(Subset(dataset, range(n)), batch_size=batch_size):
             st = vae.posterior(binarize_if_needed(batch.to(device), binarize)).groups[group]
             z_sampler, _ = hook.sampler(st.mu_p, st.sigma_p, st.h, group, 1.0)

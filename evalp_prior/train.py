@@ -17,7 +17,7 @@ from nvae.config import NVAERunConfig
 from nvae.data import binarize_if_needed, dataset_info, get_dataset, held_out_part
 from nvae.model import NVAE
 from nvae.runtime import (CheckpointError, DistContext, Precision, RunLogger, StopSignal, all_gather_object,
-                          load_checkpoint, save_text_atomic)
+                          forked_rng, load_checkpoint, save_text_atomic)
 from nvae.runtime.distributed import ddp_if_distributed, split_for_rank
 from nvae.runtime.loop import isolated_rng, loop_settings, planned_steps, run_training, steps_per_epoch
 from nvae.sampling import sample_images
@@ -30,7 +30,7 @@ from .group_selection import parse_groups
 from .objectives import GroupBatch, alternating_step
 from .prior import EVaLPPrior
 from .sampler import SharedFlowSampler
-from .sampler_fit import fit_sampler, posterior_banks
+from .sampler_fit import fit_sampler, image_batches, posterior_banks
 
 KIND = "evalp"
 
@@ -115,10 +115,8 @@ def whitened_posterior_moments(vae: NVAE, dataset: Dataset, groups: list[int], c
     if count < 2:
         raise ValueError(f"the posterior moments need at least 2 training images, got {count}")
     parts: dict[int, list[torch.Tensor]] = {g: [] for g in groups}
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(MOMENT_SEED)
-        for start in range(0, count, batch_size):  # no DataLoader: its iterator would draw from the seeded stream
-            batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
+    with forked_rng(device, MOMENT_SEED):
+        for batch in image_batches(dataset, count, batch_size, device):
             for b in posterior_group_batches(vae, binarize_if_needed(batch, binarize), groups, precision):
                 parts[b.group].append(((b.z_pos - b.mu_p) / b.sigma_p).flatten(1).double().cpu())
     moments = {}

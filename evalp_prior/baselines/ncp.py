@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from nvae.data.base import binarize_if_needed
 from nvae.distributions import draw_normal
 from nvae.model import NVAE
+from nvae.runtime import forked_rng
 
 from ..density import TiltedGaussianDensity
 from ..objectives import GroupBatch
@@ -157,8 +158,7 @@ def hole_detector_accuracy(trained: TrainedNCP, vae: NVAE, dataset: Dataset, num
     energies, group = trained.base.energies, trained.base.groups[0]
     n = min(num, len(dataset))
     right = 0.0
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with forked_rng(device, seed):
         for batch in DataLoader(Subset(dataset, range(n)), batch_size=batch_size):
             st = vae.posterior(binarize_if_needed(batch.to(device), binarize)).groups[group]
             logit_pos = -energies(group, st.z.float(), st.h.float())

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from nvae.hooks import GroupState
 from nvae.model import NVAE
 from nvae.data import binarize_if_needed
+from nvae.runtime import forked_rng
 
 LN2 = math.log(2.0)
 DEFAULT_LOG_Z_SAMPLES = 10000  # proposals for a normaliser shared by all items (the top group)
@@ -62,9 +63,7 @@ class Normalisers:
         """log Z (rows,) float64 for the rows of st. Its proposals come from a forked, seeded random stream,
         so the posterior samples of a likelihood evaluation do not depend on which priors it includes."""
         self._calls += 1
-        devices = [st.h.device.index or 0] if st.h.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(LOG_Z_SEED + self._calls)
+        with forked_rng(st.h.device, LOG_Z_SEED + self._calls):
             return self._log_z(name, density, group, st)
 
     def _log_z(self, name: str, density: PriorDensity, group: int, st: GroupState) -> torch.Tensor:

@@ -17,6 +17,7 @@ from nvae.runtime.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    forked_rng,
     init_distributed,
     rank_zero_first,
     seed_everything,
@@ -55,5 +56,6 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "seed_everything",
+    "forked_rng",
     "shutdown_and_exit",
 ]

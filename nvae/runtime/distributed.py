@@ -87,6 +87,16 @@ def seed_everything(seed: int, ctx: DistContext) -> int:
     return rank_seed
 
 
+@contextlib.contextmanager
+def forked_rng(device: torch.device, seed: Optional[int] = None) -> Iterator[None]:
+    """Torch's random streams (the CPU's, and the device's when it is CUDA) forked: draws inside leave the
+    caller's stream as it was; with seed, reseeded first, so the draws are the same whatever the run's seed."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait for all ranks; a no-op without a process group."""
     if not ctx.is_distributed:

@@ -18,7 +18,7 @@ from nvae.config import RunCadence
 
 from .checkpoint import (FORMAT_VERSION, CheckpointManager, capture_rng_state, load_checkpoint,
                          restore_rng_state)
-from .distributed import DistContext, all_gather_object, barrier
+from .distributed import DistContext, all_gather_object, barrier, forked_rng
 from .faults import inject_faults
 from .run_logging import RunLogger, progress
 from .sampler import ResumableDistributedSampler
@@ -95,15 +95,9 @@ def steps_per_epoch(dataset_len: int, world_size: int, batch_size: int) -> int:
     return steps
 
 
-def _device_rng_devices(ctx: DistContext) -> list[int]:
-    return [ctx.device.index or 0] if ctx.device.type == "cuda" else []
-
-
-@contextlib.contextmanager
-def isolated_rng(ctx: DistContext):
+def isolated_rng(ctx: DistContext) -> contextlib.AbstractContextManager:
     """Evaluation and sampling draw from a forked RNG so they never change the training stream."""
-    with torch.random.fork_rng(devices=_device_rng_devices(ctx)):
-        yield
+    return forked_rng(ctx.device)
 
 
 def run_training(task: TrainTask, dataset: Dataset, ctx: DistContext, settings: LoopSettings,
