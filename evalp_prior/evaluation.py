@@ -400,12 +400,20 @@ def format_report(report: dict[str, Any]) -> str:
         rows.append((f"seconds per image (batch {t['batch_size']})", f"{t['seconds_per_image']:.4g}"))
     if "nll" in m:
         for name, n in m["nll"]["priors"].items():
-            z = "".join(f"; log Z group {r['group']} {r['log_z']:.3f} (bias ~{r['log_z_bias']:.1g}, M={r['proposals']})"
+            z = "".join(f"; log Z group {r['group']} {r['log_z']:.3f} ({_log_z_bias_text(r)}, M={r['proposals']})"
                         for r in n["log_z"])
             rows.append((f"NLL {name}, K={n['num_samples']} ({n['num_images']} {m['nll']['split']} images)",
                          f"{n['nats']:.2f} nats = {n['bits_per_dim']:.4f} bits/dim; -ELBO {n['elbo_nats']:.2f}{z}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _log_z_bias_text(record: dict[str, Any]) -> str:
+    """The estimated bias of log Z-hat, or why there is none (one proposal per item has no spread to read)."""
+    bias = record.get("log_z_bias")
+    if bias is None or not math.isfinite(bias):
+        return "bias unknown: one proposal per item, log Z biased low and the NLL optimistic by an unknown amount"
+    return f"bias ~{bias:.1g}"
 
 
 def finite_or_none(report: dict[str, Any]) -> dict[str, Any]:

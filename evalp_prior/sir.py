@@ -194,6 +194,8 @@ def log_mean_weight(
     Same ``propose``/``log_weight`` contract as sir_select. With w = p~(z) / r(z), z ~ r, the mean is an
     unbiased estimate of the normaliser Z of p~; its log is biased low, by about rel_var / (2 M) (delta
     method), rel_var = mean(w^2) / mean(w)^2 - 1 = M / ESS - 1, returned (batch,) beside log Z (batch,).
+    One proposal says nothing about the weights' spread: its rel_var is NaN (unknown), not 0, so that a
+    report cannot read the log of a single weight as unbiased.
     """
     if num_proposals < 1 or chunk < 1:
         raise ValueError(f"need num_proposals >= 1 and chunk >= 1, got {num_proposals} and {chunk}")
@@ -210,4 +212,6 @@ def log_mean_weight(
         drawn += k
     log_m = math.log(num_proposals)
     rel_var = (lse_w2 - log_m - 2 * (lse_w - log_m)).exp() - 1
+    if num_proposals == 1:
+        rel_var = torch.full_like(rel_var, math.nan)
     return lse_w - log_m, rel_var

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from evalp_prior.baselines.langevin import LangevinPrior
-from evalp_prior.evaluation import likelihood_priors
+from evalp_prior.evaluation import format_report, likelihood_priors
 from evalp_prior.metrics.nll import Normalisers, dataset_nll
 from evalp_prior.prior import EVaLPPrior, SamplerDensity
 from evalp_prior.sampler import SharedFlowSampler
@@ -82,6 +82,21 @@ def test_log_mean_weight_is_the_log_of_the_mean_and_its_relative_variance():
     w = log_w.exp()
     torch.testing.assert_close(log_mean, w.mean(0).log())
     torch.testing.assert_close(rel_var, w.square().mean(0) / w.mean(0).square() - 1)
+
+
+def test_one_proposal_leaves_the_relative_variance_and_the_bias_unknown():
+    # One weight has sample relative variance 0, which would report the log of a single weight (biased low by
+    # an unknown amount) as unbiased.
+    log_w = torch.randn(1, 3, dtype=torch.float64)
+    log_mean, rel_var = log_mean_weight(lambda k: log_w[:k], lambda lw: lw, 1, 4, 3)
+    torch.testing.assert_close(log_mean, log_w[0])
+    assert bool(rel_var.isnan().all())
+    line = format_report({"checkpoint": "c", "description": "evalp", "dataset": "mnist", "metrics": {"nll": {
+        "split": "test", "priors": {
+        "evalp": {"num_samples": 10, "num_images": 5, "nats": 90.0, "bits_per_dim": 0.2, "elbo_nats": 95.0,
+                  "log_z": [{"group": 0, "log_z": -1.0, "log_z_bias": -1e-4, "proposals": 100},
+                            {"group": 1, "log_z": 2.0, "log_z_bias": None, "proposals": 1}]}}}}})
+    assert "bias ~-0.0001, M=100" in line and "group 1 2.000 (bias unknown" in line
 
 
 class Zero(nn.Module):
