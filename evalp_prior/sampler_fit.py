@@ -15,8 +15,10 @@ when the groups above are sampled from a prior that matches their aggregate post
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -32,6 +34,9 @@ from .sampler import SharedFlowSampler
 # the same start whatever the run's own seed (the checkpoint then overwrites it on resume).
 BANK_SEED = 3_141_592
 FIT_SEED = 1_618_033
+# Share of the machine's available memory that the lower groups' banks may take (split between the ranks of a
+# node): the fit's batches, the model and the data need the rest. Above it the fit stops before the posterior pass.
+BANK_MEMORY_FRACTION = 0.5
 
 
 @dataclass
@@ -88,20 +93,57 @@ def image_batches(dataset: Dataset, count: int, batch_size: int, device: torch.d
         yield torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
 
 
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> Optional[int]:
+    """The kernel's estimate of memory available without swapping (MemAvailable), None where it cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_bank_memory(bytes_per_image: int, count: int, available: Optional[int], ranks_per_node: int) -> None:
+    """ValueError, naming the largest image count that fits, when ``count`` images' lower-group banks would take
+    more than BANK_MEMORY_FRACTION of the available memory shared by ``ranks_per_node`` ranks; nothing when the
+    available memory is unknown."""
+    if available is None or bytes_per_image == 0:
+        return
+    budget = BANK_MEMORY_FRACTION * available / ranks_per_node
+    if bytes_per_image * count > budget:
+        raise ValueError(
+            f"the sampler fit's lower-group banks would take {bytes_per_image * count / 2**30:.1f} GiB for {count} "
+            f"images ({bytes_per_image / 2**10:.0f} KiB each, {ranks_per_node} rank(s) on this node) of "
+            f"{available / 2**30:.1f} GiB available: lower --sampler-fit-images to at most "
+            f"{int(budget // bytes_per_image)}, or fit fewer --groups")
+
+
 @torch.no_grad()
 def posterior_banks(vae: NVAE, dataset: Dataset, groups: Sequence[int], count: int, batch_size: int, binarize: bool,
                     device: torch.device) -> list[PosteriorBank]:
     """One bank per group (in the order given) of one posterior draw for each of the first ``count`` images of
     dataset (all of them when it holds fewer), drawn from BANK_SEED: a TopGroupBank for group 0, whose context must
-    be the same for every image (ValueError otherwise), a LowerGroupBank for any other group."""
+    be the same for every image (ValueError otherwise), a LowerGroupBank for any other group. The lower groups'
+    banks are allocated once, after the first batch shows their size, and checked against the available memory
+    (check_bank_memory) before they are."""
     count = min(count, len(dataset))
     if count < 2:
         raise ValueError(f"the sampler fit needs at least 2 training images, got {count}")
-    draws: dict[int, list[tuple[torch.Tensor, ...]]] = {g: [] for g in groups}
+    z_top: list[torch.Tensor] = []
+    columns: dict[int, tuple[torch.Tensor, ...]] = {}
     context = None
+    start = 0
     with forked_rng(device, BANK_SEED):
         for batch in image_batches(dataset, count, batch_size, device):
             out = vae.posterior(binarize_if_needed(batch, binarize))
+            rows = slice(start, start + batch.shape[0])
+            if start == 0:
+                lower = {g: (out.groups[g].z, out.groups[g].h, out.groups[g].mu_p, out.groups[g].sigma_p)
+                         for g in groups if g != 0}
+                check_bank_memory(sum(t[0].numel() * 4 for ts in lower.values() for t in ts), count,
+                                  available_memory_bytes(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                columns = {g: tuple(torch.empty((count, *t.shape[1:])) for t in ts) for g, ts in lower.items()}
             for g in groups:
                 group = out.groups[g]
                 if g == 0:
@@ -110,14 +152,13 @@ def posterior_banks(vae: NVAE, dataset: Dataset, groups: Sequence[int], count: i
                            for c, t in zip(context, (group.h, group.mu_p, group.sigma_p))):
                         raise ValueError("the top group's context differs between images: its posterior samples "
                                          "cannot be banked")
-                    draws[g].append((group.z.float().cpu(),))
+                    z_top.append(group.z.float().cpu())
                 else:
-                    draws[g].append(tuple(t.float().cpu() for t in (group.z, group.h, group.mu_p, group.sigma_p)))
-    banks: list[PosteriorBank] = []
-    for g in groups:
-        columns = [torch.cat(part) for part in zip(*draws[g])]
-        banks.append(TopGroupBank(columns[0], *context) if g == 0 else LowerGroupBank(g, *columns, device))
-    return banks
+                    for column, t in zip(columns[g], (group.z, group.h, group.mu_p, group.sigma_p)):
+                        column[rows] = t.float().cpu()
+            start = rows.stop
+    return [TopGroupBank(torch.cat(z_top), *context) if g == 0 else LowerGroupBank(g, *columns[g], device)
+            for g in groups]
 
 
 def top_group_bank(vae: NVAE, dataset: Dataset, count: int, batch_size: int, binarize: bool,

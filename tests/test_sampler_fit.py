@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from evalp_prior.sampler import SharedFlowSampler
-from evalp_prior.sampler_fit import BANK_SEED, LowerGroupBank, TopGroupBank, fit_sampler, posterior_banks, top_group_bank
+from evalp_prior import sampler_fit
+from evalp_prior.sampler_fit import (BANK_SEED, LowerGroupBank, TopGroupBank, available_memory_bytes, check_bank_memory,
+                                     fit_sampler, posterior_banks, top_group_bank)
 from evalp_prior.train import EVaLPTask
 from nvae.data import get_dataset, held_out_part
 from nvae.hooks import GroupSpec
@@ -114,12 +116,12 @@ def test_lower_group_banks_hold_each_image_with_its_own_context(vae_checkpoint):
     vae, _, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
     train_set = get_dataset("synthetic", "train")
     groups = list(range(len(vae.group_specs)))
-    banks = posterior_banks(vae, train_set, groups, 24, 8, False, torch.device("cpu"))
+    banks = posterior_banks(vae, train_set, groups, 20, 8, False, torch.device("cpu"))  # a last batch of 4
     torch.manual_seed(BANK_SEED)
     with torch.no_grad():
-        passes = [vae.posterior(torch.stack([train_set[i] for i in range(s, s + 8)])) for s in range(0, 24, 8)]
+        passes = [vae.posterior(torch.stack([train_set[i] for i in range(s, min(s + 8, 20))])) for s in range(0, 20, 8)]
     assert isinstance(banks[0], TopGroupBank)  # the same draws as the top group's bank alone
-    assert torch.equal(banks[0].z, top_group_bank(vae, train_set, 24, 8, False, torch.device("cpu")).z)
+    assert torch.equal(banks[0].z, top_group_bank(vae, train_set, 20, 8, False, torch.device("cpu")).z)
     for bank in banks[1:]:
         assert isinstance(bank, LowerGroupBank)
         for name in ("z", "h", "mu_p", "sigma_p"):
@@ -127,6 +129,33 @@ def test_lower_group_banks_hold_each_image_with_its_own_context(vae_checkpoint):
         assert not torch.equal(bank.h[0], bank.h[1])  # a context per image, not a shared one
         rows = bank.rows(torch.tensor([3, 0]))
         assert rows.group == bank.group and torch.equal(rows.h, bank.h[[3, 0]])
+
+
+def test_bank_memory_check_names_the_largest_image_count_that_fits(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   1000 kB\n")
+    assert available_memory_bytes(meminfo) == 1000 * 1024
+    assert available_memory_bytes(tmp_path / "missing") is None
+    check_bank_memory(1000, 50, 100_000, 1)  # exactly half the available memory: allowed
+    check_bank_memory(1000, 10**9, None, 1)  # unknown available memory: no check
+    with pytest.raises(ValueError, match="at most 50,"):
+        check_bank_memory(1000, 51, 100_000, 1)
+    with pytest.raises(ValueError, match="at most 25,"):  # two ranks on the node share it
+        check_bank_memory(1000, 26, 100_000, 2)
+
+
+def test_lower_group_banks_stop_before_the_pass_when_memory_is_short(vae_checkpoint, monkeypatch):
+    vae, _, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
+    train_set = get_dataset("synthetic", "train")
+    groups = list(range(len(vae.group_specs)))
+    passes = []
+    forward = vae.posterior
+    monkeypatch.setattr(vae, "posterior", lambda x: passes.append(1) or forward(x))
+    monkeypatch.setattr(sampler_fit, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(ValueError, match="lower --sampler-fit-images"):
+        posterior_banks(vae, train_set, groups, 24, 8, False, torch.device("cpu"))
+    assert len(passes) == 1  # refused after the first batch, not after the whole pass
+    assert posterior_banks(vae, train_set, [0], 24, 8, False, torch.device("cpu"))  # the top group needs no check
 
 
 def test_bank_refuses_a_context_that_depends_on_the_image():
