@@ -66,6 +66,10 @@ class EVaLPConfig(FrozenPriorConfig):
     sampler_fit_images: int = 60000  # training images (one posterior draw of each group each) the sampler fit uses
     sampler_fit_batch: int = 256  # posterior samples per sampler-fit step
     sampler_fit_lr: float = 1e-3  # Adam learning rate of the sampler fit
+    # The fit keeps the weights with the lowest NLL of posterior draws of validation-half images (early stopping): a
+    # bank holds one draw per image, and a conditional flow learns a lower group's fixed draws (section 0e).
+    sampler_fit_heldout_images: int = 2000  # validation-half images whose posterior draws early-stop the fit; 0 = none
+    sampler_fit_check_every: int = 200  # sampler-fit steps between held-out checks (early stopping)
     n_critic: int = 5  # energy steps per sampler step
     lambda_gp: float = 10.0  # gradient-penalty weight lambda in the energy loss
     gradient_penalty: str = "two-sided"  # two-sided (WGAN-GP) | one-sided | r1 (zero-centred, on positives)
@@ -91,9 +95,10 @@ class EVaLPConfig(FrozenPriorConfig):
         """Raise ValueError naming the flag of the first impossible setting (cadence is checked by the loop)."""
         require_settings(self, positive=("sample_temperature", "max_log_scale", "sampler_fit_lr"),
                          at_least_one=("energy_hidden", "sampler_hidden", "num_couplings", "embed_dim", "n_critic",
-                                       "eval_batches", "moment_images", "sampler_fit_images", "sampler_fit_batch"),
+                                       "eval_batches", "moment_images", "sampler_fit_images", "sampler_fit_batch",
+                                       "sampler_fit_check_every"),
                          non_negative=("lambda_gp", "kl_weight", "bn_readjust_batches", "critic_warmup_steps",
-                                       "eval_sir_proposals", "sampler_fit_steps"))
+                                       "eval_sir_proposals", "sampler_fit_steps", "sampler_fit_heldout_images"))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.gradient_penalty not in GRADIENT_PENALTIES:
@@ -126,5 +131,6 @@ class EVaLPRunConfig:
         data: dict[str, Any] = json.loads(text)
         data["evalp"].setdefault("sampler_affine", "none")  # checkpoints from before the layer existed
         data["evalp"].setdefault("sampler_fit_steps", 0)  # checkpoints from before the fit existed
+        data["evalp"].setdefault("sampler_fit_heldout_images", 0)  # ... and before it was early-stopped
         return cls(evalp=EVaLPConfig(**data["evalp"]), vae_path=data["vae_path"],
                    vae_fingerprint=data["vae_fingerprint"])

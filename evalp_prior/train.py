@@ -184,21 +184,31 @@ class EVaLPTask:
         self.last_metrics: dict[str, float] = {}
 
     def _fit_sampler(self, train_set: Optional[Dataset]) -> None:
-        """The maximum-likelihood start (evalp_prior.sampler_fit) on every EVaLP group, logged with the banks' NLL
-        before and after."""
+        """The maximum-likelihood start (evalp_prior.sampler_fit) on every EVaLP group, early-stopped on posterior
+        draws of validation-half images, logged with the banks' NLL before and after."""
         cfg = self.cfg
         if train_set is None:
             raise ValueError("--sampler-fit-steps needs the training split to fit to")
         banks = posterior_banks(self.vae, train_set, self.groups, cfg.sampler_fit_images, cfg.batch_size,
                                 self.binarize, self.ctx.device)
-        fit = fit_sampler(self.sampler, banks, cfg.sampler_fit_steps, cfg.sampler_fit_batch, cfg.sampler_fit_lr)
+        held_out = (posterior_banks(self.vae, self.test_set, self.groups, cfg.sampler_fit_heldout_images,
+                                    cfg.batch_size, self.binarize, self.ctx.device)
+                    if cfg.sampler_fit_heldout_images else [])
+        fit = fit_sampler(self.sampler, banks, cfg.sampler_fit_steps, cfg.sampler_fit_batch, cfg.sampler_fit_lr,
+                          held_out, cfg.sampler_fit_check_every)
         what = "z_1" if self.groups == [0] else "groups " + ", ".join(str(g) for g in self.groups)
-        per_group = "" if len(self.groups) == 1 else " (" + ", ".join(
-            f"group {g}: {fit[f'nll_before/group{g:02d}']:.2f} -> {fit[f'nll_after/group{g:02d}']:.2f}"
-            for g in self.groups) + ")"
+
+        def change(key: str) -> str:
+            per_group = "" if len(self.groups) == 1 else " (" + ", ".join(
+                f"group {g}: {fit[f'{key}_before/group{g:02d}']:.2f} -> {fit[f'{key}_after/group{g:02d}']:.2f}"
+                for g in self.groups) + ")"
+            return f"{fit[f'{key}_before']:.2f} -> {fit[f'{key}_after']:.2f} nats{per_group}"
+
+        stopped = (f"; kept step {fit['best_step']} of {cfg.sampler_fit_steps} by the NLL of "
+                   f"{held_out[0].z.shape[0]} validation-half images' draws: {change('heldout_nll')}"
+                   if held_out else "")
         self.logger.info(f"sampler fitted to {banks[0].z.shape[0]} posterior samples of {what} in "
-                         f"{cfg.sampler_fit_steps} steps: NLL {fit['nll_before']:.2f} -> {fit['nll_after']:.2f} "
-                         f"nats{per_group}")
+                         f"{cfg.sampler_fit_steps} steps: NLL {change('nll')}{stopped}")
 
     def config_json(self) -> str:
         return self.run_cfg.to_json()

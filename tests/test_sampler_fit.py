@@ -61,10 +61,10 @@ def test_fit_is_seeded_and_refuses_a_sampler_without_the_top_group():
         fit_sampler(SharedFlowSampler(TWO_GROUPS, [1], hidden=8), [bank], steps=1, batch_size=8, lr=1e-3)
 
 
-def _conditional_bank(n: int) -> LowerGroupBank:
+def _conditional_bank(n: int, seed: int = 1) -> LowerGroupBank:
     """Group 1 given a per-image context h ~ N(0, I): u = (z - mu_p) / sigma_p = 0.8 h[:, :2] + 0.5 noise, with
     mu_p = -1, sigma_p = 2, so z | h has standard deviation 1 in each of its 8 dimensions."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, 3, 2, 2, generator=g)
     u = 0.8 * h[:, :2] + 0.5 * torch.randn(n, 2, 2, 2, generator=g)
     mu_p, sigma_p = torch.full_like(u, -1.0), torch.full_like(u, 2.0)
@@ -95,6 +95,36 @@ def test_fit_of_two_groups_sums_their_likelihoods():
     assert result["nll_after/group01"] < result["nll_before/group01"]
     with pytest.raises(ValueError, match="different numbers of images"):
         fit_sampler(sampler, [top, _conditional_bank(100)], steps=1, batch_size=8, lr=1e-3)
+
+
+def test_fit_keeps_the_weights_that_are_best_on_held_out_draws():
+    # 256 training draws memorised by a wide flow: the bank's NLL falls below the entropy while fresh draws' rises.
+    train, held_out = _conditional_bank(256), _conditional_bank(2000, seed=2)
+
+    def fit(steps: int, *, stop: bool) -> tuple[SharedFlowSampler, dict[str, float]]:
+        torch.manual_seed(0)
+        sampler = SharedFlowSampler(TWO_GROUPS, [0, 1], hidden=64, num_couplings=4)
+        return sampler, fit_sampler(sampler, [train], steps, 64, 3e-3, [held_out] if stop else (), check_every=10)
+
+    def held_out_nll(sampler: SharedFlowSampler) -> float:
+        with torch.no_grad():
+            b = held_out.rows(torch.arange(2000))
+            return float(-sampler.log_prob(b.z_pos, b.mu_p, b.sigma_p, b.h, 1).mean())
+
+    overfit, plain = fit(300, stop=False)
+    stopped, result = fit(300, stop=True)
+    entropy = 8 * 0.5 * math.log(2 * math.pi * math.e)
+    assert plain["nll_after"] < entropy - 1 < entropy + 1 < held_out_nll(overfit)  # it did memorise
+    assert 0 < result["best_step"] < 300 and result["best_step"] % 10 == 0
+    assert result["heldout_nll_after"] == pytest.approx(held_out_nll(stopped), abs=1e-4)
+    assert result["heldout_nll_after"] < min(result["heldout_nll_before"], held_out_nll(overfit)) - 1
+    # the kept weights are those of the same seeded fit stopped at the chosen step, and the next check was worse
+    at_best, _ = fit(result["best_step"], stop=False)
+    for key, value in at_best.state_dict().items():
+        torch.testing.assert_close(value, stopped.state_dict()[key])
+    assert held_out_nll(fit(result["best_step"] + 10, stop=False)[0]) > result["heldout_nll_after"]
+    with pytest.raises(ValueError, match="held-out banks hold groups"):
+        fit_sampler(SharedFlowSampler(TWO_GROUPS, [0, 1], hidden=8), [train], 1, 8, 1e-3, [_gaussian_bank(8)[0]])
 
 
 def test_bank_is_one_seeded_posterior_draw_per_image(vae_checkpoint):
@@ -193,7 +223,7 @@ def test_task_fits_the_top_group(vae_checkpoint):
     train_set = get_dataset("synthetic", "train")
     validation = held_out_part(get_dataset("synthetic", "test"), "validation")
     task, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="top", sampler_fit_steps=30,
-                                   sampler_ema=0.9)
+                                   sampler_ema=0.9, sampler_fit_heldout_images=0)
     assert "posterior samples of z_1 in 30 steps" in messages[-1]
     before, after = _nll_pair(messages[-1].split("NLL ")[1].split(" nats")[0])
     assert after < before, messages
@@ -207,8 +237,10 @@ def test_task_fits_every_group(vae_checkpoint):
     assert len(vae.group_specs) > 1
     train_set = get_dataset("synthetic", "train")
     validation = held_out_part(get_dataset("synthetic", "test"), "validation")
-    _, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="all", sampler_fit_steps=30)
+    _, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="all", sampler_fit_steps=30,
+                                sampler_fit_heldout_images=0)
     line = messages[-1]
+    assert "kept step" not in line
     groups = list(range(len(vae.group_specs)))
     assert f"posterior samples of groups {', '.join(map(str, groups))} in 30 steps" in line, line
     per_group = dict(part.split(": ") for part in line.split(" nats (")[1].rstrip(")").split(", "))
@@ -217,3 +249,22 @@ def test_task_fits_every_group(vae_checkpoint):
     total_before, total_after = _nll_pair(line.split("NLL ")[1].split(" nats")[0])
     assert total_before == pytest.approx(sum(b for b, _ in pairs), abs=0.02 * len(pairs))
     assert all(after < before for before, after in pairs), line
+
+
+def test_task_early_stops_the_fit_on_validation_draws(vae_checkpoint):
+    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
+    train_set = get_dataset("synthetic", "train")
+    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+    task, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="all", sampler_fit_steps=30,
+                                   sampler_fit_heldout_images=16, sampler_fit_check_every=10)
+    stopped = messages[-1].split("; kept step ")[1]
+    step, count = int(stopped.split(" ")[0]), int(stopped.split("NLL of ")[1].split(" ")[0])
+    assert step in (0, 10, 20, 30) and count == min(16, len(validation))
+    before, after = _nll_pair(stopped.split("draws: ")[1].split(" nats")[0])
+    assert after <= before
+    # the kept weights score what the log says on the same validation draws
+    banks = posterior_banks(vae, validation, task.groups, 16, task.cfg.batch_size, False, torch.device("cpu"))
+    with torch.no_grad():
+        rows = [b.rows(torch.arange(count)) for b in banks]
+        nll = sum(float(-task.sampler.log_prob(r.z_pos, r.mu_p, r.sigma_p, r.h, r.group).mean()) for r in rows)
+    assert nll == pytest.approx(after, abs=0.01)
