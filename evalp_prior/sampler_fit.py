@@ -33,6 +33,10 @@ from .sampler import SharedFlowSampler
 # Fixed seeds of the bank's posterior draws and of the fit's minibatches: every rank, and a resumed run, computes
 # the same start whatever the run's own seed (the checkpoint then overwrites it on resume).
 BANK_SEED = 3_141_592
+# The held-out bank's draws need a stream of their own: with BANK_SEED, row i of both banks would share its noise
+# (the same random numbers in the same batch positions), and a flow that learned the training bank's draws of
+# the groups above and below one another would score as well on the held-out rows.
+HELDOUT_BANK_SEED = 2_718_281
 FIT_SEED = 1_618_033
 # Share of the machine's available memory that the lower groups' banks may take (split between the ranks of a
 # node): the fit's batches, the model and the data need the rest. Above it the fit stops before the posterior pass.
@@ -121,9 +125,9 @@ def check_bank_memory(bytes_per_image: int, count: int, available: Optional[int]
 
 @torch.no_grad()
 def posterior_banks(vae: NVAE, dataset: Dataset, groups: Sequence[int], count: int, batch_size: int, binarize: bool,
-                    device: torch.device) -> list[PosteriorBank]:
+                    device: torch.device, seed: int = BANK_SEED) -> list[PosteriorBank]:
     """One bank per group (in the order given) of one posterior draw for each of the first ``count`` images of
-    dataset (all of them when it holds fewer), drawn from BANK_SEED: a TopGroupBank for group 0, whose context must
+    dataset (all of them when it holds fewer), drawn from ``seed``: a TopGroupBank for group 0, whose context must
     be the same for every image (ValueError otherwise), a LowerGroupBank for any other group. The lower groups'
     banks are allocated once, after the first batch shows their size, and checked against the available memory
     (check_bank_memory) before they are."""
@@ -134,7 +138,7 @@ def posterior_banks(vae: NVAE, dataset: Dataset, groups: Sequence[int], count: i
     columns: dict[int, tuple[torch.Tensor, ...]] = {}
     context = None
     start = 0
-    with forked_rng(device, BANK_SEED):
+    with forked_rng(device, seed):
         for batch in image_batches(dataset, count, batch_size, device):
             out = vae.posterior(binarize_if_needed(batch, binarize))
             rows = slice(start, start + batch.shape[0])
@@ -182,7 +186,7 @@ def fit_sampler(sampler: SharedFlowSampler, banks: Sequence[PosteriorBank], step
     adds ``heldout_nll_before``, ``heldout_nll_after`` (per group too) and ``best_step``. A bank holds one draw per
     image, and a lower group's context h_l carries the draws above it: a conditional flow learns those fixed draws
     (on `tiny`, +0.76 nats on its own bank's draws against +0.07 on fresh draws of the same images, docs/results.md
-    section 0e), which only draws it has not seen show."""
+    section 0e), which only draws from another stream (HELDOUT_BANK_SEED) show."""
     groups = [b.group for b in banks]
     missing = [g for g in groups if g not in sampler.groups]
     if missing:

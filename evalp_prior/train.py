@@ -30,7 +30,7 @@ from .group_selection import parse_groups
 from .objectives import GroupBatch, alternating_step
 from .prior import EVaLPPrior
 from .sampler import SharedFlowSampler
-from .sampler_fit import fit_sampler, image_batches, posterior_banks
+from .sampler_fit import HELDOUT_BANK_SEED, fit_sampler, image_batches, posterior_banks
 
 KIND = "evalp"
 
@@ -192,7 +192,7 @@ class EVaLPTask:
         banks = posterior_banks(self.vae, train_set, self.groups, cfg.sampler_fit_images, cfg.batch_size,
                                 self.binarize, self.ctx.device)
         held_out = (posterior_banks(self.vae, self.test_set, self.groups, cfg.sampler_fit_heldout_images,
-                                    cfg.batch_size, self.binarize, self.ctx.device)
+                                    cfg.batch_size, self.binarize, self.ctx.device, HELDOUT_BANK_SEED)
                     if cfg.sampler_fit_heldout_images else [])
         fit = fit_sampler(self.sampler, banks, cfg.sampler_fit_steps, cfg.sampler_fit_batch, cfg.sampler_fit_lr,
                           held_out, cfg.sampler_fit_check_every)
