@@ -67,7 +67,7 @@ class EVaLPConfig(FrozenPriorConfig):
     sampler_fit_batch: int = 256  # posterior samples per sampler-fit step
     sampler_fit_lr: float = 1e-3  # Adam learning rate of the sampler fit
     # The fit keeps the weights with the lowest NLL of posterior draws of validation-half images (early stopping): a
-    # bank holds one draw per image, and a conditional flow learns a lower group's fixed draws (docs/results.md 0e).
+    # bank holds one draw per image, and a conditional flow learns a lower group's fixed draws (docs/results.md 0f).
     sampler_fit_heldout_images: int = 2000  # validation-half images whose posterior draws early-stop the fit; 0 = none
     sampler_fit_check_every: int = 200  # sampler-fit steps between held-out checks (early stopping)
     n_critic: int = 5  # energy steps per sampler step

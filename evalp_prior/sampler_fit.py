@@ -186,7 +186,7 @@ def fit_sampler(sampler: SharedFlowSampler, banks: Sequence[PosteriorBank], step
     adds ``heldout_nll_before``, ``heldout_nll_after`` (per group too) and ``best_step``. A bank holds one draw per
     image, and a lower group's context h_l carries the draws above it: a conditional flow learns those fixed draws
     (on `tiny`, +0.76 nats on its own bank's draws against +0.07 on fresh draws of the same images, docs/results.md
-    section 0e), which only draws from another stream (HELDOUT_BANK_SEED) show."""
+    section 0f), which only draws from another stream (HELDOUT_BANK_SEED) show."""
     groups = [b.group for b in banks]
     missing = [g for g in groups if g not in sampler.groups]
     if missing:
