@@ -213,15 +213,19 @@ def _fit_messages(vae, vae_cfg, train_set, validation, **overrides) -> tuple[EVa
     return task, messages
 
 
+def _task_inputs(vae_checkpoint):
+    """The trained test NVAE, its run config, and the synthetic training set and validation half."""
+    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
+    return vae, vae_cfg, get_dataset("synthetic", "train"), held_out_part(get_dataset("synthetic", "test"), "validation")
+
+
 def _nll_pair(text: str) -> tuple[float, float]:
     before, after = (float(v) for v in text.split(" -> "))
     return before, after
 
 
 def test_task_fits_the_top_group(vae_checkpoint):
-    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
-    train_set = get_dataset("synthetic", "train")
-    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+    vae, vae_cfg, train_set, validation = _task_inputs(vae_checkpoint)
     task, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="top", sampler_fit_steps=30,
                                    sampler_ema=0.9, sampler_fit_heldout_images=0)
     assert "posterior samples of z_1 in 30 steps" in messages[-1]
@@ -233,10 +237,8 @@ def test_task_fits_the_top_group(vae_checkpoint):
 
 
 def test_task_fits_every_group(vae_checkpoint):
-    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
+    vae, vae_cfg, train_set, validation = _task_inputs(vae_checkpoint)
     assert len(vae.group_specs) > 1
-    train_set = get_dataset("synthetic", "train")
-    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
     _, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="all", sampler_fit_steps=30,
                                 sampler_fit_heldout_images=0)
     line = messages[-1]
@@ -252,9 +254,7 @@ def test_task_fits_every_group(vae_checkpoint):
 
 
 def test_task_early_stops_the_fit_on_validation_draws(vae_checkpoint):
-    vae, vae_cfg, _ = load_trained_nvae(vae_checkpoint, torch.device("cpu"))
-    train_set = get_dataset("synthetic", "train")
-    validation = held_out_part(get_dataset("synthetic", "test"), "validation")
+    vae, vae_cfg, train_set, validation = _task_inputs(vae_checkpoint)
     task, messages = _fit_messages(vae, vae_cfg, train_set, validation, groups="all", sampler_fit_steps=30,
                                    sampler_fit_heldout_images=16, sampler_fit_check_every=10)
     stopped = messages[-1].split("; kept step ")[1]
