@@ -33,10 +33,10 @@ from .sampler import SharedFlowSampler
 # Fixed seeds of the bank's posterior draws and of the fit's minibatches: every rank, and a resumed run, computes
 # the same start whatever the run's own seed (the checkpoint then overwrites it on resume).
 BANK_SEED = 3_141_592
-# The held-out bank's draws need a stream of their own: with BANK_SEED, row i of both banks would share its noise
-# (the same random numbers in the same batch positions), and a flow that learned the training bank's draws of
-# the groups above and below one another would score as well on the held-out rows.
-HELDOUT_BANK_SEED = 2_718_281
+# The held-out bank's draws need a stream of their own, shared with no draw the sampler's start or fit saw: with
+# BANK_SEED (or the moment start's MOMENT_SEED), row i of both would share its noise (the same random numbers in
+# the same batch positions), and a sampler fitted to those draws would score as well on the held-out rows.
+HELDOUT_BANK_SEED = 1_414_213
 FIT_SEED = 1_618_033
 # Share of the machine's available memory that the lower groups' banks may take (split between the ranks of a
 # node): the fit's batches, the model and the data need the rest. Above it the fit stops before the posterior pass.

@@ -11,7 +11,7 @@ from evalp_prior.sampler import SharedFlowSampler
 from evalp_prior import sampler_fit
 from evalp_prior.sampler_fit import (BANK_SEED, HELDOUT_BANK_SEED, LowerGroupBank, TopGroupBank, available_memory_bytes,
                                      check_bank_memory, fit_sampler, posterior_banks, top_group_bank)
-from evalp_prior.train import EVaLPTask
+from evalp_prior.train import MOMENT_SEED, EVaLPTask
 from nvae.data import get_dataset, held_out_part
 from nvae.hooks import GroupSpec
 from nvae.runtime import RunLogger
@@ -271,5 +271,6 @@ def test_task_early_stops_the_fit_on_validation_draws(vae_checkpoint):
 
     # the kept weights score what the log says on draws from the held-out stream, not the training bank's stream
     # (whose noise the training bank's rows share position by position)
+    assert HELDOUT_BANK_SEED not in (BANK_SEED, MOMENT_SEED)  # the start's and the fit's draws stay unseen
     assert nll(HELDOUT_BANK_SEED) == pytest.approx(after, abs=0.01)
     assert nll(BANK_SEED) != pytest.approx(after, abs=0.01)
